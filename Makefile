@@ -1,0 +1,40 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.backdoor-lens-installed
+# Open MPI refuses to start as root without these; more ranks than cores needs oversubscribe.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test venv bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt tools/install_torchvision_shim.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch pulls a CUDA build and gigabytes of packages.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python tools/install_torchvision_shim.py
+	# Graphviz's dot renders the network diagrams; optional, installed when we can.
+	command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (timeout 300 apt-get install -y -q graphviz >/dev/null 2>&1 || \
+	   (timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q graphviz >/dev/null 2>&1)) ; } || \
+	  echo "note: Graphviz 'dot' not installed; visual_network.py will write .gv sources only"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m demo.build_demo
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run_all.sh
+
+clean-demo:
+	rm -rf record/badnet_demo record/blended_demo

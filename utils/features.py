@@ -1,0 +1,104 @@
+"""One forward pass over a split, with hooks on every layer an analysis needs.
+
+`FeatureHooks` records the outputs of many named modules during one forward call; `iterate`
+walks a loader once and hands each batch's outputs to the caller, who reduces them (running
+sums, top-k, ...) so that memory does not grow with the number of samples.
+"""
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .device import progress
+from .layers import get_layer
+
+
+class FeatureHooks:
+    """Forward hooks on named modules; `outputs[name]` holds the last batch's output."""
+
+    def __init__(self, model: torch.nn.Module, names, use_input: bool = False):
+        self.names = list(names)
+        self.outputs: dict = {}
+        self._handles = []
+        for name in self.names:
+            module = get_layer(model, name)
+            self._handles.append(module.register_forward_hook(self._hook(name, use_input)))
+
+    def _hook(self, name, use_input):
+        def hook(module, inputs, output):
+            value = inputs[0] if use_input else output
+            self.outputs[name] = value
+        return hook
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def iterate(model, loader, names, device, desc="features", use_input=False):
+    """Yield (batch, {layer: output}) for every batch of one pass, under inference_mode."""
+    model.eval()
+    with FeatureHooks(model, names, use_input) as hooks, torch.inference_mode():
+        for batch in progress(loader, desc):
+            x = batch[0].to(device, non_blocking=True)
+            logits = model(x)
+            outputs = dict(hooks.outputs)
+            outputs["__logits__"] = logits
+            yield batch, outputs
+
+
+def pooled(output: torch.Tensor, how: str = "flatten") -> torch.Tensor:
+    """N x C x H x W -> N x D: flattened ('flatten') or averaged over positions ('avg')."""
+    if output.dim() <= 2:
+        return output.flatten(1)
+    if how == "avg":
+        return output.flatten(2).mean(dim=2)
+    return output.flatten(1)
+
+
+def collect_features(model, loader, layer: str, device, how: str = "flatten", desc="features"):
+    """Features of one layer for every sample, with the sample arrays, in one pass.
+
+    Returns (features N x D float32 numpy, labels, original_labels, poison, indices, predictions).
+    Memory is N x D: use `how='avg'` or --n_sub for large layers.
+    """
+    feats, labels, originals, poisons, indices, preds = [], [], [], [], [], []
+    for (x, y, y0, p, idx), outputs in iterate(model, loader, [layer], device, desc):
+        feats.append(pooled(outputs[layer], how).float().cpu())
+        preds.append(outputs["__logits__"].argmax(1).cpu())
+        labels.append(y); originals.append(y0); poisons.append(p); indices.append(idx)
+    return (torch.cat(feats).numpy(), torch.cat(labels).numpy(), torch.cat(originals).numpy(),
+            torch.cat(poisons).numpy().astype(bool), torch.cat(indices).numpy(), torch.cat(preds).numpy())
+
+
+class RunningChannelMean:
+    """Mean activation per channel (over samples and positions), as running sums."""
+
+    def __init__(self):
+        self.total = None
+        self.count = 0
+
+    def update(self, output: torch.Tensor):
+        per_sample = pooled(output, "avg").double()
+        self.total = per_sample.sum(0) if self.total is None else self.total + per_sample.sum(0)
+        self.count += per_sample.shape[0]
+
+    def mean(self) -> np.ndarray:
+        return (self.total / max(self.count, 1)).cpu().numpy()
+
+
+@contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
