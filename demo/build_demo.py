@@ -99,8 +99,9 @@ def train_backdoor(trigger: str, epochs: int = 8, seed: int = 0, quiet: bool = F
     return model, train, test, poison_idx, test_bd_idx, acc, asr
 
 
-def build(name: str, trigger: str, force: bool = False, epochs: int = 8) -> dict:
-    record_dir = ROOT / "record" / name
+def build(name: str, trigger: str, force: bool = False, epochs: int = 8, root: Path = ROOT) -> dict:
+    """Train and write record/<name> under root (the folder that plays BackdoorBench's checkout)."""
+    record_dir = Path(root) / "record" / name
     stamp_file = record_dir / "demo_build.json"
     if not force and stamp_file.is_file():
         built = json.loads(stamp_file.read_text())

@@ -137,3 +137,72 @@ def make_bb_root(tmp: Path, name: str = "badnet_mini", dataset: str = "cifar10",
         if with_bd_test else None, n_test=n_test)
     return BBRecord(root, record_dir, data_dir, dataset, n_train, n_test, target,
                     train_poison if with_bd_train else [], test_poison if with_bd_test else [])
+
+
+# --- the record kinds users bring (issue: every kind of record through every script) ----------
+
+RECORD_KINDS = ("attack", "defense_pruned", "defense_clp", "prototype", "no_bd_train", "mnist", "tiny200")
+
+
+def write_defense(folder: Path, state_dict: dict, model_name: str = "preactresnet18", num_classes: int = 10) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_name": model_name, "num_classes": num_classes, "model": state_dict}, folder / "defense_result.pt")
+    return folder
+
+
+def pruned_state_dict(state_dict: dict, seed: int = 1) -> dict:
+    """What fine-pruning leaves: torch.nn.utils.prune's weight_orig + weight_mask on the last layers."""
+    generator = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    for name in ("layer4.1.conv2", "linear"):
+        weight = sd.pop(f"{name}.weight")
+        mask = torch.ones_like(weight)
+        channels = torch.randperm(weight.shape[0], generator=generator)[: weight.shape[0] // 4]
+        mask[channels] = 0
+        sd[f"{name}.weight_orig"] = weight
+        sd[f"{name}.weight_mask"] = mask
+    return sd
+
+
+def clp_state_dict(state_dict: dict) -> dict:
+    """What CLP leaves: a plain state_dict with some convolution output channels zeroed."""
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    for name in ("layer3.1.conv2.weight", "layer4.1.conv2.weight"):
+        sd[name][: max(1, sd[name].shape[0] // 16)] = 0
+    return sd
+
+
+def write_prototype(root: Path, name: str, state_dict: dict, dataset: str, size, channels: int, classes: int) -> Path:
+    """BackdoorBench's attack/prototype.py: clean_model.pth (a state_dict) and info.pickle (torch.save of args)."""
+    folder = root / "record" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, folder / "clean_model.pth")
+    torch.save({"model": "preactresnet18", "dataset": dataset, "num_classes": classes, "input_height": size[0],
+                "input_width": size[1], "input_channel": channels, "dataset_path": f"./data/{dataset}"},
+               folder / "info.pickle")
+    return folder
+
+
+def make_record_kind(tmp: Path, kind: str, n_train: int = 40, n_test: int = 30) -> list:
+    """Build one record kind under tmp; returns the command-line flags that point a script at it."""
+    tmp = Path(tmp)
+    if kind in ("attack", "defense_pruned", "defense_clp", "no_bd_train", "prototype"):
+        bb = make_bb_root(tmp, n_train=n_train, n_test=n_test, with_bd_train=kind != "no_bd_train")
+    elif kind == "mnist":
+        bb = make_bb_root(tmp, dataset="mnist", n_train=n_train, n_test=n_test)
+    elif kind == "tiny200":
+        bb = make_bb_root(tmp, dataset="tiny", n_train=max(n_train, 200), n_test=max(n_test, 200) // 2)
+    else:
+        raise ValueError(kind)
+    flags = ["--result_file_attack", str(bb.record_dir), "--dataset_path", str(bb.data_dir)]
+    state_dict = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)["model"]
+    if kind == "defense_pruned":
+        folder = write_defense(bb.record_dir / "defense" / "fp", pruned_state_dict(state_dict))
+        flags += ["--result_file_defense", str(folder)]
+    elif kind == "defense_clp":
+        folder = write_defense(bb.record_dir / "defense" / "clp", clp_state_dict(state_dict))
+        flags += ["--result_file_defense", str(folder / "defense_result.pt")]
+    elif kind == "prototype":
+        folder = write_prototype(tmp, "prototype_mini", state_dict, "cifar10", (32, 32), 3, 10)
+        flags = ["--result_file_attack", str(folder), "--dataset_path", str(bb.data_dir)]
+    return flags

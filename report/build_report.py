@@ -1,0 +1,196 @@
+"""One self-contained HTML page over a record's visual/ folder (figures embedded, viewable offline).
+
+    python -m report.build_report record/<name> [--defense record/<name>/defense/<d>]
+
+Reads what the scripts wrote (`<method>/summary.json`, `run.json`, PNG figures); with a defense,
+shows the attack's and the defense's results side by side.
+"""
+import argparse
+import base64
+import html
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# (method folder, title, how to read it)
+METHODS = [
+    ("metric", "Metrics", "Clean accuracy, attack success rate (ASR) and robust accuracy (RA); a working backdoor has high ACC and ASR."),
+    ("cm", "Confusion matrix", "Rows are labels, columns predictions; a backdoor pulls poisoned rows into the target column."),
+    ("tsne", "t-SNE of features", "Poisoned samples (crosses) forming their own tight cluster near the target class show how the trigger is encoded."),
+    ("umap", "UMAP of features", "As t-SNE, with better global structure: a separate poisoned cluster means the layer separates triggered inputs."),
+    ("na", "Neuron activation", "Per-channel mean activation of poisoned inputs vs their clean twins; large differences mark trigger neurons."),
+    ("act", "Top-activating images", "The images that excite each neuron most; red titles are poisoned images, so neurons dominated by red respond to the trigger."),
+    ("actdist", "Activation distribution", "Class make-up of each channel's top-activating images; a large poisoned share marks a backdoor channel."),
+    ("tac", "Trigger activation change", "Mean |activation(poisoned) - activation(clean twin)| per channel; the bright channels carry the trigger."),
+    ("fm", "Feature maps", "A layer's feature maps for a clean image and for a poisoned image with its difference; look for maps lighting up at the trigger."),
+    ("gradcam", "Grad-CAM", "Where the model looks when it decides; on poisoned images a backdoored model looks at the trigger."),
+    ("shap", "SHAP values", "Pixel contributions to the top classes; red pushes towards the class, blue away."),
+    ("fre", "Frequency saliency", "Fourier magnitude of the input gradient; triggers with high-frequency content shift energy outwards."),
+    ("saliency", "Attribution suite vs trigger", "Each attribution method scored by how much of its mass falls on the known trigger footprint, against blank and random baselines."),
+    ("lips", "Channel Lipschitz constants", "Upper bounds of each channel's Lipschitz constant; outliers above mean + u*std are the channels CLP prunes."),
+    ("hessian", "Hessian spectrum", "Eigenvalue density of the loss Hessian; a large top eigenvalue means a sharp minimum."),
+    ("landscape", "Loss landscape", "Loss around the trained weights along two filter-normalised random directions."),
+    ("fv", "Feature visualisation", "Synthetic inputs that maximise chosen channels or the target logit; the trigger pattern often appears."),
+    ("network", "Network structure", "The record's model as a graph, with a table of layers, shapes and parameters."),
+    ("quality", "Trigger visibility", "PSNR/SSIM and norms between each poisoned image and its clean twin; high PSNR/SSIM means an invisible trigger."),
+]
+
+# Key numbers at the top: (label, method, summary key candidates, format)
+KEY_NUMBERS = [
+    ("clean accuracy", "metric", ("clean_accuracy_attack", "clean_accuracy_defense"), "{:.4f}"),
+    ("attack success rate", "metric", ("asr_attack", "asr_defense"), "{:.4f}"),
+    ("robust accuracy", "metric", ("ra_attack", "ra_defense"), "{:.4f}"),
+    ("poisoned-cluster separation (t-SNE)", "tsne", ("separation_score", "knn_purity_embedding", "silhouette_embedding"), "{:.3f}"),
+    ("poisoned-cluster separation (UMAP)", "umap", ("separation_score", "knn_purity_embedding", "silhouette_embedding"), "{:.3f}"),
+    ("top TAC channels", "tac", ("top_channels", "top"), "{}"),
+    ("top Lipschitz channels", "lips", ("top_channels", "above_threshold", "top"), "{}"),
+    ("trigger localisation per attribution method", "saliency", ("mean_share_in_footprint", "scores", "methods"), "{}"),
+    ("Hessian top eigenvalue", "hessian", ("top_eigenvalue", "top_eigenvalues"), "{}"),
+    ("trigger visibility (PSNR / SSIM)", "quality", ("psnr_mean", "ssim_mean"), "{}"),
+]
+
+
+def _summary(folder: Path) -> dict:
+    path = folder / "summary.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _run(folder: Path) -> dict:
+    path = folder / "run.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _fmt(value, pattern="{}") -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value[:8]) + (" ..." if len(value) > 8 else "")
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in list(value.items())[:10])
+    try:
+        return pattern.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _image_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}" loading="lazy">'
+
+
+def _figures(folder: Path) -> list:
+    return sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))
+
+
+def _column(folder: Path, label: str) -> str:
+    if not folder.is_dir():
+        return f'<div class="col"><h4>{label}</h4><p class="missing">not run</p></div>'
+    parts = [f'<div class="col"><h4>{label}</h4>']
+    summary = _summary(folder)
+    scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and k != "output_dir"}
+    if scalars:
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in scalars.items())
+        parts.append(f'<table class="nums">{rows}</table>')
+    for figure in _figures(folder)[:12]:
+        parts.append(f'<figure>{_image_tag(figure)}<figcaption>{html.escape(figure.stem)}</figcaption></figure>')
+    run = _run(folder)
+    if run:
+        parts.append("<details><summary>run arguments and versions</summary><pre>"
+                     + html.escape(json.dumps({k: run.get(k) for k in ("arguments", "versions", "device", "seconds",
+                                                                           "samples", "split")}, indent=1))
+                     + "</pre></details>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def key_numbers(visual: Path) -> list:
+    rows = []
+    for label, method, keys, pattern in KEY_NUMBERS:
+        summary = _summary(visual / method)
+        found = [(k, summary[k]) for k in keys if k in summary]
+        if found:
+            rows.append((label, "; ".join(f"{k}: {_fmt(v, pattern)}" for k, v in found)))
+    return rows
+
+
+CSS = """
+body{font-family:sans-serif;margin:1.5em;max-width:1500px;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}
+section{border-top:1px solid #ddd;padding-top:.6em;margin-top:1.2em}
+.guide{color:#444;font-style:italic}.row{display:flex;gap:1.5em;flex-wrap:wrap}
+.col{flex:1;min-width:420px}figure{display:inline-block;margin:.4em;vertical-align:top}
+img{max-width:680px;max-height:560px;border:1px solid #eee}figcaption{font-size:.8em;color:#666}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}
+.missing{color:#a00}pre{font-size:.75em;max-height:300px;overflow:auto;background:#f7f7f7}
+"""
+
+
+def build_report(record: Path, defense: str | None = None, out: Path | None = None) -> Path:
+    record = Path(record).resolve()
+    visual = record / "visual"
+    defense_visual = None
+    if defense:
+        d = Path(defense)
+        d = d.parent if d.suffix == ".pt" else d
+        defense_visual = d.resolve() / "visual"
+    target = Path(out) if out else visual / "report.html"
+    columns = [("attack", visual)] + ([("defense", defense_visual)] if defense_visual else [])
+    done = [m for m, _, _ in METHODS if any((v / m).is_dir() for _, v in columns)]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Backdoor Lens: {html.escape(record.name)}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Backdoor Lens report: {html.escape(record.name)}</h1>",
+             f"<p class='sub'>{len(done)} of {len(METHODS)} analyses present · record {html.escape(str(record))}"
+             + (f" · defense {html.escape(str(defense_visual.parent))}" if defense_visual else "") + "</p>"]
+    for label, folder in columns:
+        rows = key_numbers(folder)
+        if rows:
+            parts.append(f"<h3>Key numbers ({label})</h3><table>"
+                         + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+                         + "</table>")
+    for method, title, guide in METHODS:
+        if method not in done:
+            continue
+        parts.append(f"<section id='{method}'><h2>{html.escape(title)} <small>({method})</small></h2>"
+                     f"<p class='guide'>{html.escape(guide)}</p><div class='row'>")
+        for label, folder in columns:
+            parts.append(_column(folder / method, f"{label} model" if defense_visual else ""))
+        parts.append("</div></section>")
+    missing = [m for m, _, _ in METHODS if m not in done]
+    if missing:
+        parts.append(f"<section><h2>Not run</h2><p>{', '.join(missing)}</p></section>")
+    parts.append("</body></html>")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
+    with os.fdopen(handle, "w") as stream:
+        stream.write("\n".join(parts))
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, target)
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record")
+    parser.add_argument("--defense")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not (Path(args.record) / "visual").is_dir():
+        print(f"error: {args.record}/visual does not exist; run the analyses first (bash demo.sh {args.record})",
+              file=sys.stderr)
+        return 2
+    print(build_report(Path(args.record), args.defense, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
