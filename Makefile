@@ -28,6 +28,7 @@ $(STAMP): requirements.txt tools/install_torchvision_shim.py
 
 demo: $(STAMP)
 	$(BIN)/python -m demo.build_demo
+	test -f record/badnet_demo/defense/clp/defense_result.pt || $(BIN)/python -m demo.defense_clp record/badnet_demo
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh
 
 test: $(STAMP)

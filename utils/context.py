@@ -134,7 +134,7 @@ def versions() -> dict:
     return found
 
 
-def _load_model(name: str, num_classes: int, state_dict: dict, channels: int, source: str, device) -> torch.nn.Module:
+def load_zoo_model(name: str, num_classes: int, state_dict: dict, channels: int, source: str, device) -> torch.nn.Module:
     model = build_model(name, num_classes, model_in_channels(name, state_dict, channels))
     load_weights(model, state_dict, source)
     return model.to(device).eval()
@@ -159,14 +159,14 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
                         f"{'clean prototype record' if record.kind == 'prototype' else 'record'} does not have")
     info = dataset_info(record.dataset)
     channels = record.img_size[2]
-    models = {"attack": _load_model(record.model_name, record.num_classes, record.state_dict, channels,
+    models = {"attack": load_zoo_model(record.model_name, record.num_classes, record.state_dict, channels,
                                     f"record {record.path}", dev)}
     defense = None
     if args.result_file_defense:
         defense = load_defense(args.result_file_defense, trust=args.trust_record)
         name = args.model or defense.model_name or record.model_name
         classes = defense.num_classes or record.num_classes
-        models["defense"] = _load_model(name, classes, defense.state_dict, channels, f"defense {defense.path}", dev)
+        models["defense"] = load_zoo_model(name, classes, defense.state_dict, channels, f"defense {defense.path}", dev)
     if args.target_layer_name:
         for model in models.values():
             get_layer(model, args.target_layer_name)

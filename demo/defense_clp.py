@@ -1,0 +1,72 @@
+"""A data-free defense for the demo: Channel Lipschitzness-based Pruning (CLP, Zheng et al. 2022).
+
+    python -m demo.defense_clp record/badnet_demo [--u 3]
+
+Channels whose Lipschitz upper bound lies above mean + u*std of their layer are zeroed (for a
+conv->BN pair, the BN's weight and bias; for a lone convolution, its kernel). The result is
+written as BackdoorBench writes a defense: record/<name>/defense/clp/defense_result.pt, a plain
+state_dict with zeroed channels.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.context import load_zoo_model
+from utils.lipschitz import compute_channel_lipschitz
+from utils.metrics import accuracy, predict
+from utils.datasets import dataset_info, open_clean_dataset
+from utils.record import load_record
+from utils.splits import ImageTransform, build_split
+
+
+@torch.no_grad()
+def prune_clp(model: torch.nn.Module, example: torch.Tensor, u: float) -> int:
+    """Zero the flagged channels in place; returns how many were zeroed."""
+    modules = dict(model.named_modules())
+    zeroed = 0
+    for unit in compute_channel_lipschitz(model, example, u=u):
+        channels = torch.as_tensor(unit.flagged, dtype=torch.long)
+        if not len(channels) or unit.kind == "linear":
+            continue
+        if unit.kind.endswith("+bn"):
+            modules[unit.name].weight[channels] = 0
+            modules[unit.name].bias[channels] = 0
+        elif unit.kind == "conv":
+            modules[unit.name].weight[channels] = 0
+        else:
+            continue
+        zeroed += len(channels)
+    return zeroed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record")
+    parser.add_argument("--u", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    record = load_record(args.record)
+    model = load_zoo_model(record.model_name, record.num_classes, record.state_dict, record.img_size[2],
+                        str(record.path), torch.device("cpu"))
+    example = torch.zeros(2, record.img_size[2], *record.img_size[:2])
+    zeroed = prune_clp(model, example, args.u)
+    folder = Path(record.path) / "defense" / "clp"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_name": record.model_name, "num_classes": record.num_classes, "model": model.state_dict()},
+               folder / "defense_result.pt")
+    info = dataset_info(record.dataset)
+    transform = ImageTransform(record.img_size[:2], record.img_size[2], info.mean, info.std)
+    test = open_clean_dataset(record.dataset, record.dataset_root(None), False)
+    scores = {}
+    for name in ("clean_test", "bd_test"):
+        split = build_split(name, record, None, test, transform)
+        preds = predict(model, torch.utils.data.DataLoader(split, batch_size=256), torch.device("cpu"), desc=name)
+        scores[name] = accuracy(preds.pred, preds.labels)
+    print(f"CLP (u={args.u}): zeroed {zeroed} channels; clean accuracy {scores['clean_test']:.3f}, "
+          f"ASR {scores['bd_test']:.3f} -> {folder / 'defense_result.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Run one visual_*.py on one record kind in-process, as its command line would, and classify the outcome.
+
+Used by tests/test_matrix.py and by `python -m tests.matrix` (prints the README's table of which
+analysis runs on which record kind).
+"""
+import ast
+import contextlib
+import importlib
+import io
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.stem for p in ROOT.glob("visual_*.py"))
+
+# Small settings per script so that the whole matrix stays inside the suite's time.
+MATRIX_ARGS = {
+    "visual_tsne": ["--n_sub", "30"],
+    "visual_umap": ["--n_sub", "30"],
+    "visual_na": ["--n_sub", "30"],
+    "visual_act": ["--n_sub", "30", "--num_neuron", "2", "--num_image", "2"],
+    "visual_actdist": ["--n_sub", "30", "--layers", "layer4.1.conv2,linear"],
+    "visual_tac": ["--n_sub", "30"],
+    "visual_fm": [],
+    "visual_cm": ["--n_sub", "30"],
+    "visual_metric": ["--n_sub", "30"],
+    "visual_gradcam": ["--num_images", "1"],
+    "visual_shap": ["--n_sub", "30"],
+    "visual_fre": ["--num_images", "1"],
+    "visual_saliency": ["--num_images", "1", "--methods", "saliency,occlusion"],
+    "visual_lips": [],
+    "visual_hessian": ["--n_sub", "16"],
+    "visual_fv": ["--steps", "3"],
+    "visual_network": [],
+    "visual_quality": ["--n_sub", "10"],
+    "visual_landscape": ["--x=-1:1:3", "--y=-1:1:3", "--n_sub", "10"],
+}
+
+
+def default_split(script: str) -> str:
+    """The default_split the script passes to utils.cli.main (read from its source)."""
+    tree = ast.parse((ROOT / f"{script}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "main":
+            for keyword in node.keywords:
+                if keyword.arg == "default_split":
+                    return ast.literal_eval(keyword.value)
+    return "clean_test"
+
+
+def run_cell(script: str, flags: list, out: Path, extra: list | None = None) -> tuple:
+    """Returns (status, message): status 'ok' (outputs written) or 'refused' (exit 2, one line).
+
+    Anything else (a traceback, another exit code, a refusal of more than one line) raises.
+    """
+    from utils.cli import main
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(script)
+    argv = list(flags) + MATRIX_ARGS.get(script, []) + list(extra or []) + ["--output_dir", str(out), "--quiet",
+                                                                               "--device", "cpu"]
+    stderr = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(module.run, module.add_arguments, default_split=default_split(script), argv=argv)
+        except SystemExit as stop:
+            code = stop.code
+    lines = [line for line in stderr.getvalue().splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith(" ")]
+    if code == 0:
+        written = [p for p in Path(out).rglob("*") if p.is_file()]
+        if not written:
+            raise AssertionError(f"{script} exited 0 but wrote nothing")
+        return "ok", ""
+    if code == 2 and len(lines) == 1:
+        return "refused", lines[0].split("error: ", 1)[-1]
+    raise AssertionError(f"{script} exited {code} with stderr:\n{stderr.getvalue()}")
+
+
+def main():
+    import tempfile
+
+    from tests.bb_fixture import RECORD_KINDS, make_record_kind
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kinds = {kind: make_record_kind(Path(tmp) / kind, kind) for kind in RECORD_KINDS}
+        print("| script | " + " | ".join(RECORD_KINDS) + " |")
+        print("|---" * (len(RECORD_KINDS) + 1) + "|")
+        for script in SCRIPTS:
+            cells = []
+            for kind in RECORD_KINDS:
+                try:
+                    status, message = run_cell(script, kinds[kind], Path(tmp) / "out" / script / kind)
+                    cells.append("runs" if status == "ok" else "needs " + message.split("needs ", 1)[-1][:60]
+                                 if "needs" in message else "refused")
+                except AssertionError as error:
+                    cells.append("FAILS: " + str(error).splitlines()[0][:60])
+            print(f"| `{script}.py` | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
