@@ -6,13 +6,16 @@ Each notebook runs its script's `run` on the demo record with the small sample c
 script's DEMO_ARGS. The record and output folder can be redirected with the environment
 variables BACKDOOR_LENS_RECORD and BACKDOOR_LENS_OUT (the tests do this).
 """
-import ast
+import sys
 from pathlib import Path
 
 import nbformat
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from utils.script_info import declared_constant, declared_default_split  # noqa: E402
 
 # notebook name, script, what it shows, how to read it
 NOTEBOOKS = [
@@ -63,22 +66,21 @@ NOTEBOOKS = [
 def demo_kwargs(script: Path) -> dict:
     """The script's DEMO_ARGS as keyword arguments of utils.args.make_args."""
     values, key = {}, None
-    for node in ast.parse(script.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEMO_ARGS" for t in node.targets):
-            for item in ast.literal_eval(node.value):
-                item = str(item)
-                if item.startswith("--"):
-                    name, eq, value = item[2:].partition("=")
-                    key = None if eq else name
-                    values[name] = value if eq else True
-                elif key is not None:
-                    values[key] = item
-                    key = None
+    for item in declared_constant(script, "DEMO_ARGS", []):
+        item = str(item)
+        if item.startswith("--"):
+            name, eq, value = item[2:].partition("=")
+            key = None if eq else name
+            values[name] = value if eq else True
+        elif key is not None:
+            values[key] = item
+            key = None
     return values
 
 
 def notebook(name: str, module: str, shows: str, reading: str) -> nbformat.NotebookNode:
     kwargs = demo_kwargs(ROOT / f"{module}.py")
+    split = declared_default_split(ROOT / f"{module}.py")
     arg_lines = "".join(f"    {k}={v!r},\n" for k, v in kwargs.items())
     cells = [
         nbformat.v4.new_markdown_cell(
@@ -95,7 +97,7 @@ def notebook(name: str, module: str, shows: str, reading: str) -> nbformat.Noteb
         nbformat.v4.new_markdown_cell("Run the analysis with small sample counts (any command-line flag can be "
                                       "given here as a keyword argument):"),
         nbformat.v4.new_code_cell(
-            f"args = make_args(\n    add_arguments,\n    result_file_attack=RECORD,\n    output_dir=OUT,\n"
+            f"args = make_args(\n    add_arguments,\n    default_split={split!r},\n    result_file_attack=RECORD,\n    output_dir=OUT,\n"
             f"    quiet=True,\n{arg_lines})\nsummary = run(args)\nsummary"),
         nbformat.v4.new_code_cell(
             "from IPython.display import Image, display\n\n"

@@ -6,7 +6,6 @@ Each script declares the arguments of its demo run in a module-level `DEMO_ARGS`
 with `ast`, without importing the script) and, for MPI, `DEMO_MPI_RANKS`.
 """
 import argparse
-import ast
 import os
 import shutil
 import subprocess
@@ -14,21 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+from utils.script_info import declared_constant
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def declared(script: Path, name: str, default):
-    tree = ast.parse(script.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    return default
-
-
 def command_for(script: Path, record: str, extra: list) -> list:
-    ranks = declared(script, "DEMO_MPI_RANKS", 0)
+    ranks = declared_constant(script, "DEMO_MPI_RANKS", 0)
     base = [sys.executable, str(script), "--result_file_attack", record, "--quiet"] + extra
-    base += [str(a) for a in declared(script, "DEMO_ARGS", [])]
+    base += [str(a) for a in declared_constant(script, "DEMO_ARGS", [])]
     mpirun = shutil.which("mpirun") or (str(Path(sys.executable).parent / "mpirun")
                                         if (Path(sys.executable).parent / "mpirun").exists() else None)
     if ranks and mpirun:

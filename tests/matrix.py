@@ -3,12 +3,13 @@
 Used by tests/test_matrix.py and by `python -m tests.matrix` (prints the README's table of which
 analysis runs on which record kind).
 """
-import ast
 import contextlib
 import importlib
 import io
 import sys
 from pathlib import Path
+
+from utils.script_info import declared_default_split
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in ROOT.glob("visual_*.py"))
@@ -37,17 +38,6 @@ MATRIX_ARGS = {
 }
 
 
-def default_split(script: str) -> str:
-    """The default_split the script passes to utils.cli.main (read from its source)."""
-    tree = ast.parse((ROOT / f"{script}.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "main":
-            for keyword in node.keywords:
-                if keyword.arg == "default_split":
-                    return ast.literal_eval(keyword.value)
-    return "clean_test"
-
-
 def run_cell(script: str, flags: list, out: Path, extra: list | None = None) -> tuple:
     """Returns (status, message): status 'ok' (outputs written) or 'refused' (exit 2, one line).
 
@@ -64,7 +54,7 @@ def run_cell(script: str, flags: list, out: Path, extra: list | None = None) -> 
     code = 0
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            main(module.run, module.add_arguments, default_split=default_split(script), argv=argv)
+            main(module.run, module.add_arguments, default_split=declared_default_split(ROOT / f"{script}.py"), argv=argv)
         except SystemExit as stop:
             code = stop.code
     lines = [line for line in stderr.getvalue().splitlines() if line.strip() and "Warning" not in line
