@@ -1,0 +1,389 @@
+"""Attribution methods behind one call: the grad-cam package's CAMs and a registry of Captum methods.
+
+`compute_cam(model, layer, x, targets, method)` -> N x H x W (the grad-cam package, which
+min-max scales each map to [0, 1]). `Attributor(model, ...).attribute(method, x, targets)` ->
+N x C x H x W (pixel methods) or N x 1 x H x W (gradcam, upsampled), in model-input space.
+
+Guided backprop, DeepLift and LRP act on ReLU *modules*: they replace a ReLU module's backward
+pass. Our PreAct-ResNet-18 (like BackdoorBench's) calls `F.relu` in `forward`, which those hooks
+never see: guided backprop would silently return the plain gradient and DeepLift the
+gradient x (input - baseline) of a network it treats as linear. So those three run on a copy of
+the model traced with torch.fx, in which every relu (functional, method, or module, in place or
+not, reused or not) is its own non-in-place `nn.ReLU`, and in-place additions (torchvision's
+`out += identity`) are plain additions. The copy computes exactly the same function (tested).
+When a model cannot be traced, they run on the original with a printed note.
+"""
+import contextlib
+import copy
+import io
+import operator
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+from .layers import get_layer
+
+# --- the grad-cam package ----------------------------------------------------------------------
+CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "eigencam": "EigenCAM",
+               "layercam": "LayerCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "fullgrad": "FullGrad"}
+
+
+def compute_cam(model: nn.Module, layer_name: str, x: torch.Tensor, targets, method: str = "gradcam",
+                batch_size: int = 32, quiet: bool = True) -> np.ndarray:
+    """CAM maps N x H x W in [0, 1] explaining class targets[i] of image x[i].
+
+    FullGrad ignores the layer (it uses every bias of the network, by its definition).
+    """
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if method not in CAM_METHODS:
+        raise UserError(f"unknown --cam_method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
+    layers = [] if method == "fullgrad" else [get_layer(model, layer_name)]
+    device = next(model.parameters()).device
+    maps = []
+    # ScoreCAM and AblationCAM draw their own progress bars; --quiet silences them.
+    silence = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+    with cls(model=model, target_layers=layers) as cam, silence:
+        cam.batch_size = batch_size
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size].to(device)
+            chunk_targets = [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
+            maps.append(np.asarray(cam(input_tensor=chunk, targets=chunk_targets), dtype=np.float32))
+    model.zero_grad(set_to_none=True)
+    return np.concatenate(maps) if maps else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+
+
+# --- ReLU modules for Captum's rule-based methods ---------------------------------------------
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+
+
+def with_relu_modules(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """A copy of `model` where each relu is its own `nn.ReLU(inplace=False)` (see module doc).
+
+    Returns (model, None) or (copy of the original, why it could not be traced).
+    """
+    import torch.fx as fx
+
+    original = copy.deepcopy(model).eval()
+    try:
+        traced = fx.symbolic_trace(original)
+    except Exception as error:  # data-dependent control flow and the like
+        return original, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    count = 0
+    for node in list(traced.graph.nodes):
+        is_relu = (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
+                  (node.op == "call_method" and node.target in ("relu", "relu_")) or \
+                  (node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.ReLU))
+        if is_relu:
+            name = f"lens_relu_{count}"
+            count += 1
+            traced.add_module(name, nn.ReLU(inplace=False))
+            with traced.graph.inserting_after(node):
+                replacement = traced.graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(replacement)
+            traced.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is operator.iadd:
+            node.target = operator.add
+    traced.graph.lint()
+    traced.recompile()
+    return traced.eval(), None
+
+
+# --- Captum methods ----------------------------------------------------------------------------
+@dataclass
+class Options:
+    layer_name: str | None = None  # for gradcam
+    baseline: torch.Tensor | None = None  # 1 x C x H x W model input: IG and DeepLift start here
+    smooth_samples: int = 16
+    smooth_noise: float = 0.15  # SmoothGrad's sigma as a share of the input's value range
+    ig_steps: int = 32
+    occlusion_window: int | None = None  # default: an eighth of the image side (at least 2)
+    occlusion_stride: int | None = None  # default: half the window
+    batch_size: int = 64
+
+
+class Skipped(Exception):
+    """A method that this model's layers do not allow; the message says why."""
+
+
+def _baseline(x, opts):
+    return torch.zeros_like(x) if opts.baseline is None else opts.baseline.to(x.device).expand_as(x)
+
+
+def _saliency(a, x, t, opts):
+    from captum.attr import Saliency
+    return Saliency(a.model).attribute(x, target=t, abs=True)
+
+
+def _smoothgrad(a, x, t, opts):
+    from captum.attr import NoiseTunnel, Saliency
+    sigma = opts.smooth_noise * float(x.max() - x.min())
+    return NoiseTunnel(Saliency(a.model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=opts.smooth_samples, stdevs=sigma, target=t, abs=True,
+        nt_samples_batch_size=max(1, opts.batch_size // max(1, len(x))))
+
+
+def _integrated_gradients(a, x, t, opts):
+    from captum.attr import IntegratedGradients
+    return IntegratedGradients(a.model).attribute(x, baselines=_baseline(x, opts), target=t, n_steps=opts.ig_steps,
+                                                  internal_batch_size=opts.batch_size)
+
+
+def occlusion_geometry(size, opts) -> tuple[int, int]:
+    window = opts.occlusion_window or max(2, round(min(size) / 8))
+    stride = opts.occlusion_stride or max(1, window // 2)
+    return window, stride
+
+
+def _occlusion(a, x, t, opts):
+    from captum.attr import Occlusion
+    window, stride = occlusion_geometry(x.shape[-2:], opts)
+    channels = x.shape[1]
+    # baseline 0 in model-input space: the dataset's mean colour
+    return Occlusion(a.model).attribute(x, sliding_window_shapes=(channels, window, window),
+                                        strides=(channels, stride, stride), baselines=0.0, target=t,
+                                        perturbations_per_eval=max(1, opts.batch_size // max(1, len(x))))
+
+
+def _guided_backprop(a, x, t, opts):
+    from captum.attr import GuidedBackprop
+    return GuidedBackprop(a.relu_model()).attribute(x, target=t)
+
+
+def _deeplift(a, x, t, opts):
+    from captum.attr import DeepLift
+    return DeepLift(a.relu_model()).attribute(x, baselines=_baseline(x, opts), target=t)
+
+
+def _input_x_gradient(a, x, t, opts):
+    from captum.attr import InputXGradient
+    return InputXGradient(a.model).attribute(x, target=t)
+
+
+def _gradcam(a, x, t, opts):
+    from captum.attr import LayerAttribution, LayerGradCam
+    if not opts.layer_name:
+        raise Skipped("gradcam needs a layer")
+    cam = LayerGradCam(a.model, get_layer(a.model, opts.layer_name)).attribute(x, target=t, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+
+LRP_EPSILON = 0.25
+
+
+def _lrp(a, x, t, opts):
+    """LRP-epsilon (epsilon 0.25) on convolutions, linear and pooling layers; BatchNorm passes relevance
+    through unchanged. Captum's default (epsilon 1e-9 everywhere, BatchNorm included) divides by
+    near-zero pre-activations in residual networks: on the demo PreAct-ResNet-18 its relevance summed
+    to 1e7..1e11 for logits of 20..35. A result whose relevance is not conserved within a factor of
+    10 of the explained logit is refused (Skipped) rather than shown."""
+    from captum.attr import LRP
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+    model = a.relu_model()
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.rule = IdentityRule()
+        elif isinstance(module, (nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
+            module.rule = EpsilonRule(epsilon=LRP_EPSILON)
+    try:
+        relevance = LRP(model).attribute(x, target=t)
+    except TypeError as error:  # captum: "Module of type X has no rule defined ..."
+        raise Skipped(f"LRP has no rule for a layer of this model ({str(error).split(' has no rule')[0]})") from None
+    finally:
+        for module in model.modules():
+            if hasattr(module, "rule"):
+                del module.rule
+    with torch.no_grad():
+        logit = model(x.detach()).gather(1, t[:, None])[:, 0].abs()
+    total = relevance.detach().flatten(1).sum(1).abs()
+    if not torch.isfinite(total).all() or ((total > 10 * logit + 1) | (total < logit / 10 - 1)).any():
+        raise Skipped(f"LRP relevance is not conserved on this model (sums {total.min().item():.3g}.."
+                      f"{total.max().item():.3g} for logits {logit.min().item():.3g}..{logit.max().item():.3g})")
+    return relevance
+
+
+METHODS = {"saliency": _saliency, "smoothgrad": _smoothgrad, "integrated_gradients": _integrated_gradients,
+           "occlusion": _occlusion, "guided_backprop": _guided_backprop, "deeplift": _deeplift,
+           "input_x_gradient": _input_x_gradient, "gradcam": _gradcam, "lrp": _lrp}
+NEEDS_RELU_MODULES = ("guided_backprop", "deeplift", "lrp")
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise UserError(f"unknown --methods {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+class Attributor:
+    """Captum attributions of one model; the ReLU-module copy is built once, when first needed."""
+
+    def __init__(self, model: nn.Module, options: Options | None = None):
+        self.model = model.eval()
+        self.options = options or Options()
+        self._relu_model = None
+        self.notes: list[str] = []
+
+    def relu_model(self) -> nn.Module:
+        if self._relu_model is None:
+            self._relu_model, why = with_relu_modules(self.model)
+            if why:
+                self.notes.append(f"the model could not be traced ({why}); guided backprop, DeepLift and LRP "
+                                  f"see only its ReLU modules, not functional relu calls")
+        return self._relu_model
+
+    def attribute(self, method: str, x: torch.Tensor, targets) -> torch.Tensor:
+        """Attribution of class targets[i] for image x[i]: N x C x H x W (gradcam: N x 1 x H x W)."""
+        if method not in METHODS:
+            raise UserError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
+        device = next(self.model.parameters()).device
+        x = x.to(device).detach().requires_grad_(True)
+        t = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)
+        with warnings.catch_warnings():
+            # captum announces the hooks it sets on ReLU modules, and that inputs need gradients
+            warnings.simplefilter("ignore", UserWarning)
+            out = METHODS[method](self, x, t, self.options)
+        self.model.zero_grad(set_to_none=True)
+        return out.detach()
+
+
+# --- drawing -----------------------------------------------------------------------------------
+def show_heatmap(ax, image, heat: np.ndarray, title: str = "", alpha: float = 0.5, cmap: str = "jet",
+                 color: str = "black", fontsize: int = 7):
+    """The image (gray for one channel) with a heat map over it, no ticks."""
+    from .plotting import show_image
+
+    show_image(ax, image, title, color=color, fontsize=fontsize)
+    heat = np.asarray(heat, dtype=float)
+    span = heat.max() - heat.min()
+    ax.imshow((heat - heat.min()) / span if span > 0 else np.zeros_like(heat), cmap=cmap, alpha=alpha, vmin=0,
+              vmax=1, interpolation="bilinear")
+
+
+def _red_transparent_blue():
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list("red_transparent_blue", [(0.0, 0.45, 1.0, 1.0), (1.0, 1.0, 1.0, 0.0),
+                                                                      (1.0, 0.0, 0.3, 1.0)])
+
+
+def show_signed(ax, heat: np.ndarray, title: str = "", fontsize: int = 7, image=None, limit: float | None = None):
+    """A signed map, red positive and blue negative, symmetric around zero (transparent at zero) over a
+    faint gray copy of the image, as shap's image plot draws it."""
+    from .plotting import to_display
+
+    if image is not None:
+        gray = to_display(image)
+        gray = gray.mean(axis=2) if gray.ndim == 3 else gray
+        ax.imshow(gray, cmap="gray", alpha=0.45, vmin=0, vmax=1, interpolation="nearest")
+    limit = limit or float(np.abs(heat).max()) or 1.0
+    shown = ax.imshow(heat, cmap=_red_transparent_blue(), vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_xticks([]); ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+    return shown
+
+
+# --- shared by the attribution scripts ---------------------------------------------------------
+TARGET_CHOICES = ("predicted", "true", "target")
+
+
+def attribution_split(ctx, default: str):
+    """The --visual_dataset split; the default falls back to clean_test on a record without poisoned
+    test samples (a clean prototype), with a printed note. Returns (split, note or None)."""
+    name = ctx.args.visual_dataset
+    note = None
+    if name == default and name in ("bd_test", "mixed") and ctx.record.bd_test is None:
+        what = "clean prototype record" if ctx.record.kind == "prototype" else "record without poisoned test samples"
+        note = (f"this {what} has no poisoned samples: explaining clean test images only "
+                f"(no trigger footprint, so no localisation scores)")
+        name = "clean_test"
+    split = ctx.get_split(name, n_sub=ctx.args.n_sub, c_sub=ctx.args.c_sub)
+    ctx.split = split
+    return split, note
+
+
+def pick_images(split, n_clean: int, n_poisoned: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded choice of positions: up to n_clean clean and n_poisoned poisoned samples, each sorted."""
+    rng = np.random.default_rng(seed)
+    clean = np.flatnonzero(~split.poison)
+    poisoned = np.flatnonzero(split.poison)
+    pick = lambda pool, n: np.sort(rng.choice(pool, size=min(max(n, 0), len(pool)), replace=False))  # noqa: E731
+    return pick(clean, n_clean), pick(poisoned, n_poisoned)
+
+
+def explained_classes(mode: str, predicted, original_labels, target_class) -> np.ndarray:
+    """The class each map explains: the prediction, the image's true (original) class, or the attack target."""
+    if mode == "predicted":
+        return np.asarray(predicted, dtype=np.int64)
+    if mode == "true":
+        return np.asarray(original_labels, dtype=np.int64)
+    if mode == "target":
+        if target_class is None:
+            raise UserError("--target target needs the attack's target class, which this record does not name "
+                            "(clean or all-to-all); pass --target_class or use --target predicted")
+        return np.full(len(predicted), int(target_class), dtype=np.int64)
+    raise UserError(f"unknown --target {mode!r}; choose one of {', '.join(TARGET_CHOICES)}")
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, softmax probabilities N x K) of a stack of inputs."""
+    device = next(model.parameters()).device
+    probs = torch.cat([torch.softmax(model(x[i:i + batch_size].to(device)).float(), 1).cpu()
+                       for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, 1)
+    return probs.argmax(1).numpy(), probs.numpy()
+
+
+def stage_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The last convolution at each spatial resolution, in execution order (one forward pass)."""
+    seen = []
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, tuple(o.shape[-2:]))))
+               for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x[:1].to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    last = {}
+    for name, size in seen:
+        last.pop(size, None)
+        last[size] = name
+    order = {name: i for i, (name, _) in enumerate(seen)}
+    return sorted(last.values(), key=order.get)
+
+
+def short(name: str, n: int = 14) -> str:
+    name = str(name)
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def image_title(split, position: int, names) -> tuple[str, str]:
+    """(title, colour) of a sample, from its poison flag: which it is, is read from the data."""
+    label = int(split.labels[position]); original = int(split.original_labels[position])
+    if split.poison[position]:
+        was = f" (was {short(names[original])})" if original != label else ""
+        return f"POISONED\nlabel {short(names[label])}{was}", "#d62728"
+    return f"clean\nlabel {short(names[label])}", "black"
+
+
+def pages(n: int, per_page: int = 12) -> list[range]:
+    """Row ranges of at most per_page rows, so that a figure of 64 images stays readable."""
+    return [range(s, min(n, s + per_page)) for s in range(0, max(n, 1), per_page)] if n else []
+
+
+def table_figure(rows: int, cols: int, cell: float = 1.75, title_space: float = 0.55):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.0, cols * cell), rows * (cell + title_space) + 0.6),
+                             squeeze=False)
+    return fig, axes

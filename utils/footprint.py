@@ -1,0 +1,261 @@
+"""Trigger footprints and how well an attribution map localises them.
+
+Every poisoned sample in a record has a clean twin (same original index, served clean), so the
+trigger's footprint is known exactly: the pixels where the poisoned image differs from its twin
+by more than `tolerance` in some channel (pixel space [0, 1]; the default, 1.5/255, ignores the
+one-grey-level differences that rounding a float trigger to a uint8 PNG leaves).
+
+An attribution map A (any shape C x h x w or h x w) is first reduced to a non-negative H x W map
+a = resize(sum_c |A_c|) (bilinear to the image size). Against a footprint M (|M| pixels of N):
+
+- share    = sum_{p in M} a_p / sum_p a_p                  (mass inside the footprint)
+- pointing = |argmax(a) & M| / |argmax(a)|                  (pointing game; argmax is the set of
+             maximal pixels, so ties count as the expected hit of a random tie-break)
+- iou      = |T_k & M| / |T_k | M|, T_k = {p : a_p >= k-th largest value of a}
+             (top-k pixels, ties at the threshold included), k = |M| or `topk_percent` of N.
+- peak_distance = mean over the maximal pixels of their Euclidean distance (pixels) to the
+             nearest footprint pixel (0 inside): how far off a map points when it misses.
+
+A blank (uniform) map scores |M| / N on the first three, the chance level; a map equal to M scores 1.
+Ties count against a map on purpose: a map that cannot rank pixels earns nothing beyond chance.
+An all-zero map is treated as blank. A sample whose footprint is empty gets NaN scores.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
+
+DEFAULT_TOLERANCE = 1.5 / 255
+SCORES = ("share", "pointing", "iou", "peak_distance")
+BASELINES = ("blank", "random")
+WHOLE_IMAGE = 0.5  # footprints at least this share of the image are not localisable
+
+
+def add_localisation_arguments(parser):
+    group = parser.add_argument_group("trigger localisation")
+    group.add_argument("--topk_percent", type=float,
+                       help="IoU of the top k%% of pixels with the footprint (default: k = footprint size)")
+    group.add_argument("--footprint_tolerance", type=float, default=DEFAULT_TOLERANCE * 255,
+                       help="grey levels (of 255) a pixel must differ from the clean twin by to be trigger")
+
+
+def check_localisation_arguments(args):
+    from .errors import UserError
+
+    if args.topk_percent is not None and not 0 < args.topk_percent <= 100:
+        raise UserError(f"--topk_percent {args.topk_percent} must lie in (0, 100]")
+    if not 0 <= args.footprint_tolerance < 255:
+        raise UserError(f"--footprint_tolerance {args.footprint_tolerance} must lie in [0, 255)")
+    return args.footprint_tolerance / 255.0
+
+
+# --- footprints ------------------------------------------------------------------------------
+def footprint_mask(poisoned: torch.Tensor, clean: torch.Tensor, tolerance: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """Pixels where a poisoned image differs from its clean twin: (N x) C x H x W -> (N x) H x W bool."""
+    poisoned, clean = torch.as_tensor(poisoned).float(), torch.as_tensor(clean).float()
+    if poisoned.shape != clean.shape:
+        raise ValueError(f"poisoned {tuple(poisoned.shape)} and clean {tuple(clean.shape)} images differ in shape")
+    return ((poisoned - clean).abs().amax(dim=-3) > tolerance).cpu().numpy()
+
+
+def split_footprints(split, positions, tolerance: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """Footprints of the samples at `positions` of a Split (empty for clean samples): K x H x W bool."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) == 0:
+        h, w = split.transform.size
+        return np.zeros((0, h, w), bool)
+    poisoned = split.pixels().batch(positions)[0]
+    clean = split.clean_twin().pixels().batch(positions)[0]
+    masks = footprint_mask(poisoned, clean, tolerance)
+    masks[~split.poison[positions]] = False
+    return masks
+
+
+# --- maps ------------------------------------------------------------------------------------
+def reduce_map(attribution, size) -> np.ndarray:
+    """(N x) [C x] h x w attribution -> (N x) H x W non-negative map: |.| summed over channels, resized.
+
+    A 2-D input is one map, a 3-D one C x h x w, a 4-D one N x C x h x w.
+    """
+    a = torch.as_tensor(np.asarray(attribution) if not torch.is_tensor(attribution) else attribution)
+    a = a.detach().double().cpu()
+    single = a.dim() <= 3
+    if a.dim() == 2:
+        a = a[None, None]
+    elif a.dim() == 3:
+        a = a[None]
+    elif a.dim() != 4:
+        raise ValueError(f"an attribution map has 2 to 4 dimensions, not {a.dim()}")
+    a = a.abs().sum(dim=1, keepdim=True)
+    if tuple(a.shape[-2:]) != tuple(size):
+        a = F.interpolate(a, size=tuple(size), mode="bilinear", align_corners=False).clamp_min(0)
+    out = a[:, 0].numpy()
+    return out[0] if single else out
+
+
+def blank_map(size) -> np.ndarray:
+    return np.ones(tuple(size))
+
+
+def random_map(size, rng: np.random.Generator) -> np.ndarray:
+    return rng.random(tuple(size))
+
+
+# --- scores ----------------------------------------------------------------------------------
+@dataclass
+class Localisation:
+    share: float
+    pointing: float
+    iou: float
+    peak_distance: float
+    k: int  # pixels in the top-k set asked for
+    footprint_pixels: int
+    footprint_share: float  # |M| / N: the blank map's score, the chance level
+
+    def as_dict(self) -> dict:
+        return {"share": self.share, "pointing": self.pointing, "iou": self.iou,
+                "peak_distance": self.peak_distance, "k": self.k,
+                "footprint_pixels": self.footprint_pixels, "footprint_share": self.footprint_share}
+
+
+def topk_count(mask: np.ndarray, topk_percent: float | None) -> int:
+    if topk_percent is None:
+        return int(mask.sum())
+    return max(1, int(round(topk_percent / 100.0 * mask.size)))
+
+
+def localisation(attribution_map: np.ndarray, mask: np.ndarray, topk_percent: float | None = None) -> Localisation:
+    """The scores of one reduced H x W map against one H x W footprint (see module doc)."""
+    a = np.asarray(attribution_map, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if a.shape != mask.shape:
+        raise ValueError(f"map {a.shape} and footprint {mask.shape} differ in shape")
+    area = int(mask.sum())
+    k = topk_count(mask, topk_percent)
+    if area == 0:
+        return Localisation(float("nan"), float("nan"), float("nan"), float("nan"), k, 0, 0.0)
+    if not np.isfinite(a).all():
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    a = np.abs(a)
+    total = a.sum()
+    if total <= 0:
+        a, total = np.ones_like(a), float(a.size)
+    share = float(a[mask].sum() / total)
+    peak = a == a.max()
+    pointing = float((peak & mask).sum() / peak.sum())
+    threshold = np.partition(a.ravel(), a.size - k)[a.size - k]
+    top = a >= threshold
+    iou = float((top & mask).sum() / (top | mask).sum())
+    distance = float(distance_transform_edt(~mask)[peak].mean())
+    return Localisation(share, pointing, iou, distance, k, area, area / mask.size)
+
+
+def score_maps(maps: np.ndarray, masks: np.ndarray, method: str, meta: list[dict] | None = None,
+               topk_percent: float | None = None, seed: int = 0, baselines: bool = True) -> list[dict]:
+    """Rows (one per image and map kind) of the scores of `maps` (N x H x W, reduced) and, with
+    `baselines`, of a blank and a seeded random map on the same footprints."""
+    rows = []
+    rng = np.random.default_rng(seed)
+    meta = meta or [{} for _ in range(len(maps))]
+    for a, mask, info in zip(maps, masks, meta):
+        kinds = [(method, a)]
+        if baselines:
+            kinds += [("blank", blank_map(mask.shape)), ("random", random_map(mask.shape, rng))]
+        for name, m in kinds:
+            rows.append({**info, "method": name, **localisation(m, mask, topk_percent).as_dict()})
+    return rows
+
+
+def summarize(rows: list[dict], by=("model", "method")) -> list[dict]:
+    """Mean, and standard error of the mean, of each score per group; NaN rows (empty footprints) left out."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return []
+    keys = [k for k in by if k in frame.columns]
+    frame = frame.dropna(subset=list(SCORES))
+    out = []
+    for group, part in frame.groupby(keys, sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        entry = dict(zip(keys, group))
+        entry["images"] = int(len(part))
+        for score in SCORES:
+            values = part[score].to_numpy(dtype=float)
+            entry[score] = float(values.mean())
+            entry[f"{score}_sem"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        entry["footprint_pixels"] = float(part["footprint_pixels"].mean())
+        entry["footprint_share"] = float(part["footprint_share"].mean())
+        out.append(entry)
+    return out
+
+
+def describe(summary: list[dict], method: str, label: str = "", **match) -> str:
+    """One line: a method's mean scores next to the blank and random baselines, for the summary rows
+    whose keys equal `match` (e.g. model="attack")."""
+    rows = {r["method"]: r for r in summary if all(r.get(k) == v for k, v in match.items())}
+    who = f"{label}: " if label else ""
+    if method not in rows:
+        return f"{who}{method}: no poisoned image with a non-empty trigger footprint was scored"
+    m = rows[method]
+    parts = []
+    for score, name in (("pointing", "pointing game"), ("share", "in-footprint share"), ("iou", "top-k IoU"),
+                        ("peak_distance", "peak distance px")):
+        base = ", ".join(f"{b} {rows[b][score]:.3f}" for b in BASELINES if b in rows)
+        parts.append(f"{name} {m[score]:.3f} ({base})")
+    line = f"{who}{method} on {m['images']} poisoned images: " + "; ".join(parts)
+    if m["footprint_share"] >= WHOLE_IMAGE:
+        line += (f" [the trigger changes {m['footprint_share']:.0%} of the pixels: a whole-image trigger, which no "
+                 f"map can localise much better than a blank one]")
+    return line
+
+
+# --- drawing ---------------------------------------------------------------------------------
+def draw_footprint(ax, mask: np.ndarray, color: str = "cyan", linewidth: float = 1.0):
+    """Outline a footprint on pixel borders (imshow coordinates)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return
+    h, w = mask.shape
+    s = 4  # upsample so that the contour follows pixel edges instead of pixel centres
+    fine = np.kron(mask.astype(float), np.ones((s, s)))
+    fine = np.pad(fine, 1)
+    ys = np.linspace(-0.5 - 1 / s, h - 0.5 + 1 / s, fine.shape[0])
+    xs = np.linspace(-0.5 - 1 / s, w - 0.5 + 1 / s, fine.shape[1])
+    ax.contour(xs, ys, fine, levels=[0.5], colors=[color], linewidths=linewidth)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+
+
+def score_bars_figure(n_bars: int):
+    """A row of three panels for draw_score_bars, about half an inch per bar."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 3, figsize=(3 * max(3.2, 0.45 * n_bars + 1.2), 3.8))
+
+
+def draw_score_bars(axes, summary: list[dict], methods: list[str], title_suffix: str = ""):
+    """One panel per score: a bar per method (mean +- SEM), the blank and random baselines as lines."""
+    rows = {r["method"]: r for r in summary}
+    shown = [m for m in methods if m in rows]
+    for ax, (score, label) in zip(axes, (("share", "in-footprint share of |attribution|"),
+                                         ("pointing", "pointing game (peak in footprint)"),
+                                         ("iou", "IoU of top-k pixels with footprint"))):
+        x = np.arange(len(shown))
+        means = [rows[m][score] for m in shown]
+        errors = [rows[m][f"{score}_sem"] for m in shown]
+        ax.bar(x, means, yerr=errors, color="#4c72b0", capsize=3)
+        for xi, value, error in zip(x, means, errors):
+            ax.text(xi, value + error + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+        for base, style in (("blank", "--"), ("random", ":")):
+            if base in rows:
+                ax.axhline(rows[base][score], color="black" if base == "blank" else "#d62728", linestyle=style,
+                           linewidth=1.2, label=f"{base} map {rows[base][score]:.3f}")
+        ax.set_xticks(x)
+        ax.set_xticklabels(shown, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.3)
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_title(label + title_suffix, fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
