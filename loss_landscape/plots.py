@@ -1,0 +1,176 @@
+"""Figures of a landscape: contour lines with labelled levels, heat maps, 3-D surface, 1-D curve.
+
+Grids are (nx, ny) arrays indexed [i, j] for (x[i], y[j]); NaN marks points not computed yet,
+which are drawn as gaps (never as a value) and counted in the title. With two splits (clean and
+poisoned) the panels stand side by side on one colour scale.
+"""
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+
+from utils.plotting import plt
+
+SPLIT_TITLES = {"clean_train": "clean training set", "bd_train": "poisoned training set (bd_train)",
+                "clean_test": "clean test set", "bd_test": "poisoned test set (bd_test)",
+                "mixed": "mixed test set", "subset": "bd_train subset"}
+
+
+def split_title(split: str) -> str:
+    return SPLIT_TITLES.get(split, split)
+
+
+def _finite(grids) -> np.ndarray:
+    values = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids])
+    return values[np.isfinite(values)]
+
+
+def value_range(values: np.ndarray) -> tuple:
+    """(log, low, high): a log scale when the loss spans more than a decade.
+
+    Cross-entropy of a saturated softmax is float32 rounding below about 1e-6 (it can be exactly
+    0); on a log scale the floor is the lowest loss above max(1e-6, high * 1e-5), and values
+    below it are drawn at the floor.
+    """
+    if len(values) == 0:
+        return False, 0.0, 1.0
+    high = float(values.max())
+    positive = values[values > 0]
+    if len(positive) == 0 or high <= 0:
+        return False, float(values.min()), high if high > values.min() else float(values.min()) + 1e-6
+    low = max(float(positive.min()), high * 1e-5, 1e-6)
+    if high / low > 10:
+        return True, low, high
+    low = float(values.min())
+    return False, low, high if high > low else low + 1e-6
+
+
+def wide_range(values: np.ndarray) -> bool:
+    return value_range(values)[0]
+
+
+def loss_levels(grids, count: int = 14) -> np.ndarray:
+    """Contour levels: geometric over a wide range (so the basin stays resolved), else linear."""
+    log, low, high = value_range(_finite(grids))
+    return np.geomspace(low, high, count) if log else np.linspace(low, high, count)
+
+
+def _norm(values):
+    log, low, high = value_range(values)
+    return LogNorm(low, high, clip=True) if log else Normalize(low, high)
+
+
+def _status(grid) -> str:
+    computed = int(np.count_nonzero(np.isfinite(grid)))
+    return "" if computed == grid.size else f"  [partial: {computed} of {grid.size} points]"
+
+
+def _mark(ax, marks):
+    for a, b, label, color in marks:
+        ax.plot([a], [b], marker="*", markersize=13, color=color, markeredgecolor="black", linestyle="none",
+                label=label, zorder=5)
+
+
+def _missing(ax, x, y, grid):
+    i, j = np.nonzero(~np.isfinite(grid))
+    if len(i):
+        ax.plot(x[i], y[j], linestyle="none", marker="x", markersize=4, color="0.55", label="not computed")
+
+
+def plot_contours(x, y, loss: dict, title: str, xlabel: str, ylabel: str, marks=()):
+    """Contour lines of the loss with labelled levels, one panel per split (each its own levels:
+    a poisoned split's loss can sit orders of magnitude below the clean one)."""
+    fig, axes = plt.subplots(1, len(loss), figsize=(6.0 * len(loss), 5.4), squeeze=False)
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    for ax, (split, grid) in zip(axes[0], loss.items()):
+        log, low, _ = value_range(_finite([grid]))
+        masked = np.ma.masked_invalid(np.maximum(grid, low) if log else grid)  # NaN stays masked
+        if np.count_nonzero(~masked.mask) >= 4 and len(x) > 1 and len(y) > 1:
+            lines = ax.contour(X, Y, masked, levels=loss_levels([grid]), cmap="viridis", linewidths=1.1,
+                               norm=_norm(_finite([grid])))  # geometric levels get evenly spread colours
+            # Every other level labelled: labels of close levels near the minimum would overlap.
+            ax.clabel(lines, lines.levels[::2], inline=True, fontsize=7, fmt=lambda v: f"{v:.3g}")
+        _missing(ax, x, y, grid)
+        _mark(ax, marks)
+        ax.set_xlim(x.min(), x.max()); ax.set_ylim(y.min(), y.max())
+        ax.set_aspect("auto")
+        ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+        ax.set_title(f"loss on the {split_title(split)}{_status(grid)}", fontsize=10)
+        ax.grid(alpha=0.2)
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(x, y, loss: dict, accuracy: dict, title: str, xlabel: str, ylabel: str, marks=()):
+    """Filled maps: loss (top row) and accuracy (bottom), per split, each row on one colour scale
+    (log for a loss spanning more than a decade)."""
+    n = len(loss)
+    fig, axes = plt.subplots(2, n, figsize=(5.6 * n + 0.8, 9.4), squeeze=False)
+    loss_norm = _norm(_finite(loss.values()))
+    for row, (grids, norm, cmap, what) in enumerate(((loss, loss_norm, "magma_r", "loss"),
+                                                     (accuracy, Normalize(0, 1), "viridis", "accuracy"))):
+        for col, (split, grid) in enumerate(grids.items()):
+            ax = axes[row, col]
+            colours = plt.get_cmap(cmap).copy()
+            colours.set_bad("0.85")  # points not computed: light grey, not a value
+            image = ax.pcolormesh(x, y, np.ma.masked_invalid(grid).T, shading="nearest", cmap=colours, norm=norm)
+            _mark(ax, marks)
+            ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
+            ax.set_title(f"{what} on the {split_title(split)}{_status(grid)}", fontsize=10)
+            fig.colorbar(image, ax=ax, label=what + (" (log scale)" if isinstance(norm, LogNorm) else ""))
+            if marks and col == 0:
+                ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_surfaces(x, y, loss: dict, title: str, xlabel: str, ylabel: str):
+    """3-D surfaces of the loss (log10 when its range is wide), one per split, each its own z scale."""
+    fig = plt.figure(figsize=(6.2 * len(loss), 5.6))
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    for k, (split, grid) in enumerate(loss.items(), start=1):
+        ax = fig.add_subplot(1, len(loss), k, projection="3d")
+        log, low, high = value_range(_finite([grid]))
+        Z = np.asarray(grid, dtype=float)
+        if log:
+            Z, low, high = np.log10(np.maximum(Z, low)), np.log10(low), np.log10(high)
+        ax.plot_surface(X, Y, Z, cmap="viridis", vmin=low, vmax=high, linewidth=0.2, edgecolor="0.3",
+                        antialiased=True, rstride=1, cstride=1)
+        ax.set_zlim(low, high)
+        ax.set_xlabel(xlabel, fontsize=8); ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_zlabel("log10 loss" if log else "loss", fontsize=8, labelpad=8)
+        ax.set_title(f"loss on the {split_title(split)}{_status(grid)}", fontsize=10)
+        ax.view_init(elev=32, azim=-58)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(x, loss: dict, accuracy: dict, title: str, xlabel: str, marks=()):
+    """1-D: loss (left axis) and accuracy (right axis, dashed) along the direction, per split."""
+    fig, ax = plt.subplots(figsize=(8.4, 5.6))
+    acc_ax = ax.twinx()
+    colours = plt.get_cmap("tab10").colors
+    log, low, _ = value_range(_finite(loss.values()))
+    for k, split in enumerate(loss):
+        shown = np.maximum(loss[split], low) if log else loss[split]  # NaN (not computed) stays a gap
+        ax.plot(x, shown, color=colours[k], marker="o", markersize=3, label=f"loss, {split_title(split)}")
+        acc_ax.plot(x, accuracy[split], color=colours[k], linestyle="--", label=f"accuracy, {split_title(split)}")
+    if log:
+        ax.set_yscale("log")
+    for a, _, label, color in marks:
+        ax.axvline(a, color=color, linestyle=":", linewidth=1.5)
+        ax.text(a, 1.01, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
+                color=color)
+    ax.set_xlabel(xlabel); ax.set_ylabel("loss (cross-entropy)")
+    acc_ax.set_ylabel("accuracy"); acc_ax.set_ylim(-0.02, 1.02)
+    status = "".join(_status(np.asarray(g)) for g in list(loss.values())[:1])
+    fig.suptitle(title + status, fontsize=10, wrap=True)
+    lines = ax.get_legend_handles_labels()
+    more = acc_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+              fontsize=8, frameon=False)
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    return fig
