@@ -53,8 +53,7 @@ def heat_matrix(units, normalize: bool) -> np.ndarray:
 
 def draw_heat(ax, units, title: str, normalize: bool, u: float, vmax: float):
     matrix = heat_matrix(units, normalize)
-    cmap = plt.get_cmap("Oranges").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("Oranges").with_extremes(bad="white")
     image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     ys, xs = [], []
     for row, unit in enumerate(units):

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.script_info import declared_constant, declared_default_split  # noqa: E402
+from utils.script_info import declared_constant, declared_default_split, flags_to_kwargs  # noqa: E402
 
 # notebook name, script, what it shows, how to read it
 NOTEBOOKS = [
@@ -63,23 +63,8 @@ NOTEBOOKS = [
 ]
 
 
-def demo_kwargs(script: Path) -> dict:
-    """The script's DEMO_ARGS as keyword arguments of utils.args.make_args."""
-    values, key = {}, None
-    for item in declared_constant(script, "DEMO_ARGS", []):
-        item = str(item)
-        if item.startswith("--"):
-            name, eq, value = item[2:].partition("=")
-            key = None if eq else name
-            values[name] = value if eq else True
-        elif key is not None:
-            values[key] = item
-            key = None
-    return values
-
-
 def notebook(name: str, module: str, shows: str, reading: str) -> nbformat.NotebookNode:
-    kwargs = demo_kwargs(ROOT / f"{module}.py")
+    kwargs = flags_to_kwargs(declared_constant(ROOT / f"{module}.py", "DEMO_ARGS", []))
     split = declared_default_split(ROOT / f"{module}.py")
     arg_lines = "".join(f"    {k}={v!r},\n" for k, v in kwargs.items())
     cells = [
@@ -88,17 +73,20 @@ def notebook(name: str, module: str, shows: str, reading: str) -> nbformat.Noteb
             f"(`make demo` builds it: a PreAct-ResNet-18 backdoored with a BadNets patch on handwritten digits).\n\n"
             f"It calls the script's `run` function, the same code that `python {module}.py ...` runs."),
         nbformat.v4.new_code_cell(
-            "import os, sys\nfrom pathlib import Path\n\n"
+            "import json, os, sys\nfrom pathlib import Path\n\n"
             "ROOT = Path.cwd().parent if Path.cwd().name == 'Demos' else Path.cwd()\n"
             "sys.path.insert(0, str(ROOT))\n"
             "RECORD = os.environ.get('BACKDOOR_LENS_RECORD', str(ROOT / 'record' / 'badnet_demo'))\n"
             "OUT = os.environ.get('BACKDOOR_LENS_OUT')  # None: outputs go to <record>/visual/\n"
+            "# The tests shrink sample counts through this variable (a JSON object of flag values).\n"
+            "OVERRIDES = json.loads(os.environ.get('BACKDOOR_LENS_OVERRIDES', '{}'))\n"
             f"from utils.args import make_args\nfrom {module} import add_arguments, run"),
         nbformat.v4.new_markdown_cell("Run the analysis with small sample counts (any command-line flag can be "
                                       "given here as a keyword argument):"),
         nbformat.v4.new_code_cell(
-            f"args = make_args(\n    add_arguments,\n    default_split={split!r},\n    result_file_attack=RECORD,\n    output_dir=OUT,\n"
-            f"    quiet=True,\n{arg_lines})\nsummary = run(args)\nsummary"),
+            f"settings = dict(\n{arg_lines})\nsettings.update(OVERRIDES)\n"
+            f"args = make_args(add_arguments, default_split={split!r}, result_file_attack=RECORD, output_dir=OUT,\n"
+            f"                 quiet=True, **settings)\nsummary = run(args)\nsummary"),
         nbformat.v4.new_code_cell(
             "from IPython.display import Image, display\n\n"
             "for figure in sorted(Path(summary['output_dir']).glob('*.png')):\n"

@@ -111,8 +111,7 @@ def plot_heatmaps(x, y, loss: dict, accuracy: dict, title: str, xlabel: str, yla
                                                      (accuracy, Normalize(0, 1), "viridis", "accuracy"))):
         for col, (split, grid) in enumerate(grids.items()):
             ax = axes[row, col]
-            colours = plt.get_cmap(cmap).copy()
-            colours.set_bad("0.85")  # points not computed: light grey, not a value
+            colours = plt.get_cmap(cmap).with_extremes(bad="0.85")  # points not computed: light grey, not a value
             image = ax.pcolormesh(x, y, np.ma.masked_invalid(grid).T, shading="nearest", cmap=colours, norm=norm)
             _mark(ax, marks)
             ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)

@@ -37,19 +37,74 @@ METHODS = [
     ("quality", "Trigger visibility", "PSNR/SSIM and norms between each poisoned image and its clean twin; high PSNR/SSIM means an invisible trigger."),
 ]
 
-# Key numbers at the top: (label, method, summary key candidates, format)
-KEY_NUMBERS = [
-    ("clean accuracy", "metric", ("clean_accuracy_attack", "clean_accuracy_defense"), "{:.4f}"),
-    ("attack success rate", "metric", ("asr_attack", "asr_defense"), "{:.4f}"),
-    ("robust accuracy", "metric", ("ra_attack", "ra_defense"), "{:.4f}"),
-    ("poisoned-cluster separation (t-SNE)", "tsne", ("separation_score", "knn_purity_embedding", "silhouette_embedding"), "{:.3f}"),
-    ("poisoned-cluster separation (UMAP)", "umap", ("separation_score", "knn_purity_embedding", "silhouette_embedding"), "{:.3f}"),
-    ("top TAC channels", "tac", ("top_channels", "top"), "{}"),
-    ("top Lipschitz channels", "lips", ("top_channels", "above_threshold", "top"), "{}"),
-    ("trigger localisation per attribution method", "saliency", ("mean_share_in_footprint", "scores", "methods"), "{}"),
-    ("Hessian top eigenvalue", "hessian", ("top_eigenvalue", "top_eigenvalues"), "{}"),
-    ("trigger visibility (PSNR / SSIM)", "quality", ("psnr_mean", "ssim_mean"), "{}"),
-]
+# Key numbers at the top of the page, each read from one analysis's summary.json or CSV.
+def _metric(folder):
+    s = _summary(folder / "metric")
+    keys = [k for k in ("clean_accuracy_attack", "asr_attack", "ra_attack", "clean_accuracy_defense", "asr_defense",
+                        "ra_defense", "der", "rir") if k in s]
+    return [("clean accuracy / ASR / robust accuracy", ", ".join(f"{k} {_fmt(s[k])}" for k in keys))] if keys else []
+
+
+def _separation(folder):
+    rows = []
+    for method in ("tsne", "umap"):
+        s = _summary(folder / method)
+        if "separation_score" in s:
+            purity = {k: v for k, v in s.items() if k.startswith("knn_purity_") and "features" not in k}
+            rows.append((f"poisoned-cluster separation ({method})",
+                         f"silhouette vs target class {_fmt(s['separation_score'])}; "
+                         + ", ".join(f"{k} {_fmt(v)}" for k, v in purity.items())))
+    return rows
+
+
+def _channels(entries, value_key):
+    return ", ".join(f"{e['layer']}#{e['neuron']} ({_fmt(float(e[value_key]))})" for e in entries[:5])
+
+
+def _tac(folder):
+    s = _summary(folder / "tac")
+    return [(f"top TAC channels ({k[len('top_channels_'):]})", _channels(v, "tac"))
+            for k, v in s.items() if k.startswith("top_channels_") and v]
+
+
+def _lips(folder):
+    import csv
+    rows = []
+    for path in sorted((folder / "lips").glob("lips_flagged_*.csv")):
+        with open(path) as handle:
+            flagged = sorted(csv.DictReader(handle), key=lambda r: -float(r["lips_over_threshold"]))
+        model = path.stem[len("lips_flagged_"):]
+        rows.append((f"top Lipschitz channels ({model}, x threshold)",
+                     f"{len(flagged)} above threshold; " + _channels(flagged, "lips_over_threshold")))
+    return rows
+
+
+def _localisation(folder):
+    rows = []
+    for method in ("saliency", "gradcam", "shap", "fre"):
+        s = _summary(folder / method)
+        entries = s.get("localisation") or []
+        if entries:
+            text = "; ".join(f"{e.get('model', '')} {' '.join(str(e[k]) for k in ('layer', 'method') if e.get(k))}: "
+                             f"share {_fmt(e['share'])}, "
+                             f"pointing {_fmt(e['pointing'])}" for e in entries[:16])
+            rows.append((f"trigger localisation ({method})", text))
+    return rows
+
+
+def _hessian(folder):
+    s = _summary(folder / "hessian")
+    return [("Hessian top eigenvalue", ", ".join(f"{k[len('top_eigenvalue_'):]} {_fmt(v)}" for k, v in s.items()
+                                                 if k.startswith("top_eigenvalue_")))] if s else []
+
+
+def _quality(folder):
+    s = _summary(folder / "quality")
+    keys = [k for k in ("psnr_mean", "ssim_mean", "ms_ssim_mean", "l2_mean", "linf_mean") if k in s]
+    return [("trigger visibility", ", ".join(f"{k} {_fmt(s[k])}" for k in keys))] if keys else []
+
+
+KEY_NUMBERS = (_metric, _separation, _tac, _lips, _localisation, _hessian, _quality)
 
 
 def _summary(folder: Path) -> dict:
@@ -115,11 +170,11 @@ def _column(folder: Path, label: str) -> str:
 
 def key_numbers(visual: Path) -> list:
     rows = []
-    for label, method, keys, pattern in KEY_NUMBERS:
-        summary = _summary(visual / method)
-        found = [(k, summary[k]) for k in keys if k in summary]
-        if found:
-            rows.append((label, "; ".join(f"{k}: {_fmt(v, pattern)}" for k, v in found)))
+    for extract in KEY_NUMBERS:
+        try:
+            rows.extend(row for row in extract(visual) if row[1])
+        except (KeyError, ValueError, TypeError):
+            continue  # a summary from another version of a script: leave its line out
     return rows
 
 

@@ -1,9 +1,13 @@
 """Every Demos/ notebook executes headless on the demo record, and every script has one."""
-import os
+import json
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from Demos.make_notebooks import NOTEBOOKS as SPEC
+from tests.matrix import MATRIX_ARGS
+from utils.script_info import flags_to_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMOS = ROOT / "Demos"
@@ -23,7 +27,6 @@ def demo_record(tmp_path_factory):
 
 
 def test_every_script_has_a_notebook():
-    from Demos.make_notebooks import NOTEBOOKS as SPEC
     scripts = {p.stem for p in ROOT.glob("visual_*.py")}
     covered = {module for _, module, _, _ in SPEC}
     assert scripts <= covered, scripts - covered
@@ -40,6 +43,8 @@ def test_notebook_executes(path, demo_record, tmp_path, monkeypatch):
     monkeypatch.setenv("BACKDOOR_LENS_RECORD", str(demo_record))
     monkeypatch.setenv("BACKDOOR_LENS_OUT", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    script = next(module for name, module, _, _ in SPEC if f"Demo_{name}" == path.stem)
+    monkeypatch.setenv("BACKDOOR_LENS_OVERRIDES", json.dumps(flags_to_kwargs(MATRIX_ARGS.get(script, []))))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(DEMOS)}}).execute()
     figures = list(tmp_path.rglob("*.png"))
     assert figures, "the notebook wrote no figure"

@@ -16,7 +16,7 @@ def main(run, add_arguments=None, description: str = "", default_split: str = "c
         print(f"{script}: error: {error}", file=sys.stderr)
         sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; no outputs were written", file=sys.stderr)
+        print("interrupted: the analysis did not finish, so no outputs were moved into place", file=sys.stderr)
         sys.exit(130)
     if isinstance(summary, dict) and "output_dir" in summary:
         print(f"outputs in {summary['output_dir']}")

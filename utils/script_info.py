@@ -22,3 +22,17 @@ def declared_default_split(script: Path, default: str = "clean_test") -> str:
                 if keyword.arg == "default_split":
                     return ast.literal_eval(keyword.value)
     return default
+
+
+def flags_to_kwargs(flags) -> dict:
+    """["--n_sub", "600", "--x=-1:1:5", "--quiet"] -> {"n_sub": "600", "x": "-1:1:5", "quiet": True}."""
+    values, key = {}, None
+    for item in map(str, flags):
+        if item.startswith("--"):
+            name, eq, value = item[2:].partition("=")
+            key = None if eq else name
+            values[name] = value if eq else True
+        elif key is not None:
+            values[key] = item
+            key = None
+    return values
