@@ -26,7 +26,7 @@ import torch
 
 from .device import progress
 from .errors import UserError
-from .layers import get_layer
+from .features import FeatureHooks
 
 
 # --- hooks -----------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def channel_view(output: torch.Tensor) -> torch.Tensor:
     return output.reshape(output.shape[0], output.shape[1], -1).float()
 
 
-class ReducingHooks:
+class ReducingHooks(FeatureHooks):
     """Forward hooks that reduce each named layer's output as soon as it is produced.
 
     `reduce(name, output)` returns something small (per-channel sums, a B x C score matrix);
@@ -46,29 +46,11 @@ class ReducingHooks:
     """
 
     def __init__(self, model: torch.nn.Module, names, reduce):
-        self.names = list(names)
-        self.reduced: dict = {}
-        self._handles = [get_layer(model, name).register_forward_hook(self._hook(name, reduce))
-                         for name in self.names]
+        super().__init__(model, names, reduce=reduce)
 
-    def _hook(self, name, reduce):
-        def hook(module, inputs, output):
-            if not torch.is_tensor(output):
-                raise UserError(f"layer {name!r} returns {type(output).__name__}, not a tensor; "
-                                f"choose a Conv, BatchNorm or Linear layer")
-            self.reduced[name] = reduce(name, output)
-        return hook
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
+    @property
+    def reduced(self) -> dict:
+        return self.outputs
 
 
 def channel_scores(output: torch.Tensor, reduce: str = "mean") -> torch.Tensor:

@@ -10,24 +10,35 @@ import numpy as np
 import torch
 
 from .device import progress
+from .errors import UserError
 from .layers import get_layer
 
 
 class FeatureHooks:
-    """Forward hooks on named modules; `outputs[name]` holds the last batch's output."""
+    """Forward hooks on named modules; `outputs[name]` holds the last batch's output.
 
-    def __init__(self, model: torch.nn.Module, names, use_input: bool = False):
+    With `reduce(name, output)`, each output is reduced as soon as it is produced (per-channel
+    sums, scores) and only the reduction is kept, so the full activation never stays in memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, names, use_input: bool = False, reduce=None):
         self.names = list(names)
         self.outputs: dict = {}
         self._handles = []
         for name in self.names:
             module = get_layer(model, name)
-            self._handles.append(module.register_forward_hook(self._hook(name, use_input)))
+            self._handles.append(module.register_forward_hook(self._hook(name, use_input, reduce)))
 
-    def _hook(self, name, use_input):
+    def _hook(self, name, use_input, reduce):
         def hook(module, inputs, output):
             value = inputs[0] if use_input else output
-            self.outputs[name] = value
+            if reduce is None:
+                self.outputs[name] = value
+                return
+            if not torch.is_tensor(value):
+                raise UserError(f"layer {name!r} returns {type(value).__name__}, not a tensor; "
+                                f"choose a Conv, BatchNorm or Linear layer")
+            self.outputs[name] = reduce(name, value)
         return hook
 
     def remove(self):
