@@ -40,7 +40,7 @@ def add_arguments(parser):
     parser.add_argument("--smooth_samples", type=int, default=16, help="noisy copies per image for SmoothGrad")
     parser.add_argument("--ig_steps", type=int, default=32, help="integration steps of integrated gradients")
     parser.add_argument("--occlusion_window", type=int, help="occlusion window side (default: image side / 8)")
-    parser.add_argument("--occlusion_stride", type=int, help="occlusion stride (default: half the window)")
+    parser.add_argument("--occlusion_stride", type=int, help="occlusion stride (default: 1, every pixel its own score)")
     add_localisation_arguments(parser)
 
 
