@@ -6,6 +6,8 @@
 set -uo pipefail
 # Analyses whose attack-vs-defense comparison the demo shows.
 COMPARE=${COMPARE:-metric,cm,tsne,tac,lips,na,gradcam,hessian}
+# Analyses the demo also runs on the Blended record.
+BLENDED=${BLENDED:-metric,tsne,quality,fre}
 cd "$(dirname "$0")"
 PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -25,5 +27,10 @@ if [ -f "$defense/defense_result.pt" ]; then
   "$PY" -m report.build_report "$record" --defense "$defense" || status=1
 else
   "$PY" -m report.build_report "$record" || status=1
+fi
+# The Blended record, for contrast: an invisible whole-image trigger instead of a patch.
+if [ -d record/blended_demo ]; then
+  echo; echo "==== record/blended_demo: $BLENDED"
+  "$PY" -m demo.run_all record/blended_demo --only "$BLENDED" || status=1
 fi
 exit $status
