@@ -63,7 +63,9 @@ def main(argv=None) -> int:
         print(f"    {status} in {seconds:.0f} s", flush=True)
         results.append((script.name, status, seconds))
     ok = sum(1 for _, s, _ in results if s == "ok")
-    print(f"\n{ok} of {len(results)} analyses ran; outputs under {Path(args.record).resolve() / 'visual'}")
+    where = Path(args.result_file_defense) if args.result_file_defense else Path(args.record)
+    where = where.parent if where.suffix == ".pt" else where
+    print(f"\n{ok} of {len(results)} analyses ran; outputs under {where.resolve() / 'visual'}")
     for name, status, seconds in results:
         if status != "ok":
             print(f"  FAILED {name}: {status}")
