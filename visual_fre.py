@@ -13,7 +13,7 @@ from each sample's poison flag.
 import numpy as np
 import torch
 
-from utils.attribution import (TARGET_CHOICES, attribution_split, explained_classes, image_title, pages, pick_images,
+from utils.attribution import (choose_images, TARGET_CHOICES, explained_classes, image_title, pages,
                                predict_batch, short, show_heatmap, table_figure)
 from utils.cli import main
 from utils.context import load_context
@@ -89,13 +89,7 @@ def run(args) -> dict:
         raise UserError(f"--low_cutoff {args.low_cutoff} must lie in (0, 1.5)")
     tolerance = check_localisation_arguments(args)
     with load_context(args, "fre", split=None) as ctx:
-        split, note = attribution_split(ctx, "mixed")
-        if note:
-            print(note)
-        clean_pos, bd_pos = pick_images(split, args.num_images, args.num_images, args.seed)
-        positions = np.concatenate([clean_pos, bd_pos])
-        if len(positions) == 0:
-            raise UserError("no image to analyse; raise --num_images")
+        split, note, clean_pos, bd_pos, positions = choose_images(ctx, args.num_images, args.num_images, args.seed)
         model = ctx.model
         x = split.batch(positions)[0]
         predicted, probs = predict_batch(model, x, args.batch_size)

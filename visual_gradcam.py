@@ -12,8 +12,8 @@ defense, the attack and defense maps side by side.
 """
 import numpy as np
 
-from utils.attribution import (CAM_METHODS, TARGET_CHOICES, attribution_split, compute_cam, explained_classes,
-                               image_title, pages, pick_images, predict_batch, short, show_heatmap, stage_layers,
+from utils.attribution import (choose_images, CAM_METHODS, TARGET_CHOICES, compute_cam, explained_classes,
+                               image_title, pages, predict_batch, short, show_heatmap, stage_layers,
                                table_figure)
 from utils.cli import main
 from utils.context import load_context
@@ -98,14 +98,9 @@ def run(args) -> dict:
         raise UserError("--num_images and --num_scored must not be negative")
     tolerance = check_localisation_arguments(args)
     with load_context(args, "gradcam", split=None) as ctx:
-        split, note = attribution_split(ctx, "mixed")
-        if note:
-            print(note)
-        clean_pos, scored = pick_images(split, args.num_images, max(args.num_images, args.num_scored), args.seed)
+        split, note, clean_pos, scored, positions = choose_images(ctx, args.num_images,
+                                                            max(args.num_images, args.num_scored), args.seed)
         shown_bd = scored[: args.num_images]
-        if len(clean_pos) + len(scored) == 0:
-            raise UserError("no image to explain; raise --num_images")
-        positions = np.concatenate([clean_pos, scored])
         x = split.batch(positions)[0]
         layers = resolve_layers(ctx, x)
         masks = split_footprints(split, scored, tolerance)

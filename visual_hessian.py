@@ -15,13 +15,12 @@ parameters with --hessian_params (e.g. layer4,linear) or use few, small batches.
 import itertools
 
 import numpy as np
-import torch
 
 from utils.cli import main
 from utils.context import load_context
 from utils.errors import UserError
 from utils.hessian import compute_hessian_spectrum, select_parameters
-from utils.plotting import plt, side_by_side
+from utils.plotting import side_by_side
 
 DEMO_ARGS = ["--n_sub", "16", "--batch_size", "8", "--hessian_batches", "2", "--hessian_params", "layer4.1.conv2,linear",
              "--top_k", "2", "--tol", "1e-2", "--max_iter", "15", "--trace_probes", "8", "--lanczos_steps", "12",

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils.attribution import (METHODS, TARGET_CHOICES, Attributor, Options, Skipped, attribution_split,
-                               explained_classes, image_title, pages, parse_methods, pick_images, predict_batch,
+from utils.attribution import (choose_images, METHODS, TARGET_CHOICES, Attributor, Options, Skipped,
+                               explained_classes, image_title, pages, parse_methods, predict_batch,
                                short, show_heatmap, table_figure)
 from utils.cli import main
 from utils.context import load_context
@@ -88,13 +88,8 @@ def run(args) -> dict:
             raise UserError(f"--{flag} must be at least 1")
     tolerance = check_localisation_arguments(args)
     with load_context(args, "saliency", split=None) as ctx:
-        split, note = attribution_split(ctx, "mixed")
-        if note:
-            print(note)
-        clean_pos, scored = pick_images(split, args.num_images, max(args.num_images, args.num_scored), args.seed)
-        positions = np.concatenate([clean_pos, scored])
-        if len(positions) == 0:
-            raise UserError("no image to explain; raise --num_images")
+        split, note, clean_pos, scored, positions = choose_images(ctx, args.num_images,
+                                                            max(args.num_images, args.num_scored), args.seed)
         model = ctx.model
         size = split.transform.size
         channels = split.transform.channels

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.attribution import (attribution_split, image_title, pages, pick_images, predict_batch, short,
+from utils.attribution import (choose_images, image_title, pages, predict_batch, short,
                                show_signed, table_figure)
 from utils.cli import main
 from utils.context import load_context
@@ -67,13 +67,7 @@ def run(args) -> dict:
                         "must be at least 1")
     tolerance = check_localisation_arguments(args)
     with load_context(args, "shap", split=None) as ctx:
-        split, note = attribution_split(ctx, "mixed")
-        if note:
-            print(note)
-        clean_pos, bd_pos = pick_images(split, args.num_images, args.num_images, args.seed)
-        positions = np.concatenate([clean_pos, bd_pos])
-        if len(positions) == 0:
-            raise UserError("no image to explain; raise --num_images")
+        split, note, clean_pos, bd_pos, positions = choose_images(ctx, args.num_images, args.num_images, args.seed)
         model = ctx.model
         ranked = min(args.ranked_outputs, ctx.num_classes)
         layer_name = args.target_layer_name

@@ -218,7 +218,7 @@ def build_report(record: Path, defense: str | None = None, out: Path | None = No
         parts.append(f"<section id='{method}'><h2>{html.escape(title)} <small>({method})</small></h2>"
                      f"<p class='guide'>{html.escape(guide)}</p><div class='row'>")
         for label, folder in columns:
-            parts.append(_column(folder / method, (f"attack model" if label == "attack" else f"with the defense: attack vs defense")
+            parts.append(_column(folder / method, ("attack model" if label == "attack" else "with the defense: attack vs defense")
                                   if defense_visual else ""))
         parts.append("</div></section>")
     missing = [m for m, _, _ in METHODS if m not in done]

@@ -323,6 +323,22 @@ def pick_images(split, n_clean: int, n_poisoned: int, seed: int = 0) -> tuple[np
     return pick(clean, n_clean), pick(poisoned, n_poisoned)
 
 
+def choose_images(ctx, n_clean: int, n_poisoned: int, seed: int = 0, default_split: str = "mixed"):
+    """The split (with its note printed) and the seeded images an attribution script explains.
+
+    Returns (split, note or None, clean positions, poisoned positions, all positions); refuses an
+    empty choice.
+    """
+    split, note = attribution_split(ctx, default_split)
+    if note:
+        print(note)
+    clean_pos, bd_pos = pick_images(split, n_clean, n_poisoned, seed)
+    positions = np.concatenate([clean_pos, bd_pos])
+    if len(positions) == 0:
+        raise UserError("no image to explain; raise --num_images")
+    return split, note, clean_pos, bd_pos, positions
+
+
 def explained_classes(mode: str, predicted, original_labels, target_class) -> np.ndarray:
     """The class each map explains: the prediction, the image's true (original) class, or the attack target."""
     if mode == "predicted":

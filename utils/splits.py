@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .datasets import CleanData, DatasetInfo
+from .datasets import CleanData
 from .errors import UserError
 
 SPLITS = ("clean_train", "bd_train", "clean_test", "bd_test", "mixed", "subset")
