@@ -18,7 +18,7 @@ import visual_actdist
 import visual_fm
 import visual_na
 import visual_tac
-from tests.bb_fixture import make_bb_root, pruned_state_dict, write_defense
+from tests.bb_fixture import load_raw, make_bb_root, pruned_state_dict, write_defense
 from utils.activations import (AUTO, class_makeup, compute_paired_activations, compute_top_activations,
                                neuron_order, sample_groups, topk_size)
 from utils.args import make_args
@@ -33,7 +33,7 @@ LAST = "layer4.1.conv2"
 # --- the direct side ---------------------------------------------------------------------------
 
 def hand_model(bb):
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     model = PreActResNet18(10)
     model.load_state_dict(raw["model"])
     return model.eval()
@@ -145,7 +145,7 @@ def test_tac_equals_direct_computation(bb, script, tmp_path):
 
 
 def test_tac_with_defense_has_both_models(bb, tmp_path):
-    state = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)["model"]
+    state = load_raw(bb.record_dir / "attack_result.pt")["model"]
     defense = write_defense(tmp_path / "defense" / "fp", pruned_state_dict(state))
     args = args_for(visual_tac, bb, tmp_path / "out", layers="linear", result_file_defense=str(defense))
     summary = visual_tac.run(args)

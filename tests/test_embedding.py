@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bb_fixture import make_bb_root, make_record_kind, write_defense
+from tests.bb_fixture import load_raw, make_bb_root, make_record_kind, write_defense
 from utils.embedding import (CLEAN, CROSS, POISONED, compute_embedding, knn_purity, reduce_pca, sample_groups,
                              separability, silhouette)
 from utils.errors import UserError
@@ -237,7 +237,7 @@ def test_tsne_on_bd_train_has_one_row_per_sample_with_the_record_flags(bb, scrip
     assert result.returncode == 0, result.stderr
     assert "separation score" in result.stdout
     rows = read_csv(out / "tsne" / "tsne_points_attack.csv")
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     indicator = raw["bd_train"]["poison_indicator"]
     images, labels = cifar_train(bb)
     assert len(rows) == bb.n_train == len(indicator)
@@ -271,7 +271,7 @@ def test_umap_on_a_stratified_subsample(bb, tmp_path, capsys):
     assert code == 0, stderr
     assert "UMAP separation score" in stdout
     rows = read_csv(out / "umap" / "umap_points_attack.csv")
-    indicator = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)["bd_train"]["poison_indicator"]
+    indicator = load_raw(bb.record_dir / "attack_result.pt")["bd_train"]["poison_indicator"]
     indices = [int(r["index"]) for r in rows]
     assert len(rows) == 30 and len(set(indices)) == 30
     assert [int(r["poison"]) for r in rows] == [int(indicator[i]) for i in indices]
@@ -341,7 +341,7 @@ def test_bad_embedding_flag_is_one_line_and_leaves_nothing(bb, tmp_path, capsys,
 def test_cross_samples_are_a_group_of_their_own(tmp_path, capsys):
     """WaNet-style records flag 'cross' samples (indicator 1, label kept): neither clean nor backdoor."""
     bb = make_bb_root(tmp_path / "wanet", n_train=40, n_test=20, pratio=0.2)
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     entries = raw["bd_train"]["bd_data_container"]["data_dict"]
     cross = [i for i in bb.train_poison if int(entries[i]["other_info"][1]) != bb.target][:3]
     for i in cross:

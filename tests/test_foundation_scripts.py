@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.bb_fixture import CIFAR_NAMES, make_bb_root
+from tests.bb_fixture import CIFAR_NAMES, load_raw, make_bb_root
 from utils.models import PreActResNet18
 
 MEAN = np.array([0.4914, 0.4822, 0.4465])
@@ -17,7 +17,7 @@ STD = np.array([0.247, 0.243, 0.261])
 
 def hand_predict(bb, images):
     """Independent of utils/: the state_dict straight from the file, images normalised by hand."""
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     model = PreActResNet18(10)
     model.load_state_dict(raw["model"])
     model.eval()
@@ -107,12 +107,12 @@ def bad_input_cases(bb, tmp_path):
     text.write_text("hello")
     zoo = tmp_path / "zoo"
     shutil.copytree(bb.record_dir, zoo / "record" / "r")
-    raw = torch.load(zoo / "record" / "r" / "attack_result.pt", weights_only=False)
+    raw = load_raw(zoo / "record" / "r" / "attack_result.pt")
     raw["model_name"] = "lenet9000"
     torch.save(raw, zoo / "record" / "r" / "attack_result.pt")
     mismatch = tmp_path / "mismatch"
     shutil.copytree(bb.record_dir, mismatch / "record" / "r")
-    raw = torch.load(mismatch / "record" / "r" / "attack_result.pt", weights_only=False)
+    raw = load_raw(mismatch / "record" / "r" / "attack_result.pt")
     raw["model"].pop("layer1.0.conv1.weight")
     torch.save(raw, mismatch / "record" / "r" / "attack_result.pt")
     rec = str(bb.record_dir)

@@ -27,7 +27,7 @@ from loss_landscape.directions import base_entries, make_directions, random_dire
 from loss_landscape.evaluate import GridEvaluator
 from loss_landscape.store import LandscapeStore, _atomic_write
 from tests.conftest import REPO
-from tests.bb_fixture import make_bb_root
+from tests.bb_fixture import load_raw, make_bb_root
 from utils.args import make_args
 from utils.errors import UserError
 from utils.models import PreActResNet18
@@ -70,7 +70,7 @@ def reference(bb, tmp_path_factory):
 
 def hand_loss(bb, rows):
     """Mean cross-entropy and accuracy of the record's model on the listed samples, from the files."""
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     model = PreActResNet18(10)
     model.load_state_dict(raw["model"])
     model.eval()

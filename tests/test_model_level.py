@@ -14,7 +14,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.func import functional_call
 
-from tests.bb_fixture import make_bb_root
+from tests.bb_fixture import load_raw, make_bb_root
 from utils.device import set_quiet
 from utils.feature_vis import Objective, compute_feature_visualisation
 from utils.hessian import HessianOperator, compute_hessian_spectrum, hutchinson_trace, slq_density, top_eigenvalues
@@ -200,7 +200,7 @@ def test_lips_script_on_bb(bb, script, tmp_path):
                     "--normalize_by_layer", "--quiet")
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "lips" / "lips_attack.csv")
-    state = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)["model"]
+    state = load_raw(bb.record_dir / "attack_result.pt")["model"]
     convs = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4]
     norms = [k[:-len(".running_var")] for k in state if k.endswith(".running_var")]
     # Every conv output channel once (alone or in its conv->BN pair), every BN fed by a sum, the linear rows.
@@ -266,7 +266,7 @@ def test_network_script_table_and_diagrams(bb, script, tmp_path):
     assert result.returncode == 0, result.stderr
     out = tmp_path / "network"
     rows = read_csv(out / "network_layers.csv")
-    state = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)["model"]
+    state = load_raw(bb.record_dir / "attack_result.pt")["model"]
     learnt = sum(v.numel() for k, v in state.items() if k.endswith((".weight", ".bias")))
     assert sum(int(r["parameters"]) for r in rows) == learnt
     assert len(rows) == 20 + 16 + 1 + 1  # convs, BNs, the pooling, the linear layer

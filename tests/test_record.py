@@ -57,9 +57,9 @@ def test_stored_paths_resolve_against_the_record(tmp_path, stored, expected):
 
 
 def test_plain_int_keys_are_accepted(tmp_path):
-    from tests.bb_fixture import make_bb_root
+    from tests.bb_fixture import load_raw, make_bb_root
     bb = make_bb_root(tmp_path)
-    raw = torch.load(bb.record_dir / "attack_result.pt", weights_only=False)
+    raw = load_raw(bb.record_dir / "attack_result.pt")
     raw["bd_train"]["bd_data_container"]["data_dict"] = {
         int(k): v for k, v in raw["bd_train"]["bd_data_container"]["data_dict"].items()}
     torch.save(raw, bb.record_dir / "attack_result.pt")
