@@ -38,13 +38,12 @@ def safe_torch_load(path: Path, trust: bool = False, what: str = "file"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; check the path")
-    if trust:
-        # The user vouched for this file with --trust_record.
-        loader = lambda: torch.load(path, map_location="cpu", weights_only=False)  # noqa: E731
-    else:
-        def loader():
-            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+
+    def loader():
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)  # the user passed --trust_record
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     try:
         return loader()
     except pickle.UnpicklingError as error:
