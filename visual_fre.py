@@ -19,7 +19,7 @@ from utils.cli import main
 from utils.context import load_context
 from utils.errors import UserError
 from utils.footprint import (add_localisation_arguments, check_localisation_arguments, describe, draw_footprint,
-                             reduce_map, score_maps, split_footprints, summarize)
+                             reduce_map, score_maps, save_localisation, split_footprints)
 from utils.plotting import plt, show_image
 
 DEMO_ARGS = []
@@ -154,10 +154,7 @@ def run(args) -> dict:
                      "predicted": int(predicted[k + j]), "explained": int(explained[k + j])}
                     for j, p in enumerate(bd_pos)]
             rows = score_maps(saliency[k:], masks, "input_gradient", meta, args.topk_percent, seed=args.seed)
-            table = summarize(rows)
-            import pandas as pd
-            ctx.out.save_csv("fre_localisation", pd.DataFrame(rows))
-            ctx.out.save_csv("fre_localisation_summary", pd.DataFrame(table))
+            table = save_localisation(ctx.out, "fre", rows)
             summary["localisation"] = table
             print(describe(table, "input_gradient", f"{ctx.model_label} model, |gradient| map", model=ctx.model_label))
         ctx.out.save_json("summary", summary)

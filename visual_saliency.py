@@ -12,7 +12,6 @@ attribution inside the footprint, pointing game, IoU of the top-k pixels, next t
 (utils/footprint.py has the definitions).
 """
 import numpy as np
-import pandas as pd
 import torch
 
 from utils.attribution import (choose_images, METHODS, TARGET_CHOICES, Attributor, Options, Skipped,
@@ -24,7 +23,7 @@ from utils.device import progress
 from utils.errors import UserError
 from utils.footprint import (BASELINES, add_localisation_arguments, check_localisation_arguments, describe,
                              draw_footprint, draw_score_bars, reduce_map, score_bars_figure, score_maps,
-                             split_footprints, summarize)
+                             save_localisation, split_footprints)
 from utils.plotting import show_image
 
 DEMO_ARGS = ["--num_scored", "4"]
@@ -129,9 +128,7 @@ def run(args) -> dict:
             for i, method in enumerate(reduced):
                 rows += score_maps(reduced[method][k:], masks, method, meta, args.topk_percent, seed=args.seed,
                                    baselines=i == 0)
-            table = summarize(rows)
-            ctx.out.save_csv("saliency_localisation", pd.DataFrame(rows))
-            ctx.out.save_csv("saliency_localisation_summary", pd.DataFrame(table))
+            table = save_localisation(ctx.out, "saliency", rows)
             summary["localisation"] = table
             for method in reduced:
                 print(describe(table, method, model=ctx.model_label))

@@ -20,7 +20,7 @@ from utils.cli import main
 from utils.context import load_context
 from utils.errors import UserError
 from utils.footprint import (add_localisation_arguments, check_localisation_arguments, describe, draw_footprint,
-                             reduce_map, score_maps, split_footprints, summarize)
+                             reduce_map, score_maps, save_localisation, split_footprints)
 from utils.layers import get_layer
 from utils.plotting import show_image
 
@@ -127,10 +127,7 @@ def run(args) -> dict:
                      "explained": int(classes[k + j, 0])} for j, p in enumerate(bd_pos)]
             reduced = reduce_map(values[k:, ..., 0], size)
             rows = score_maps(reduced, masks, "shap", meta, args.topk_percent, seed=args.seed)
-            table = summarize(rows)
-            import pandas as pd
-            ctx.out.save_csv("shap_localisation", pd.DataFrame(rows))
-            ctx.out.save_csv("shap_localisation_summary", pd.DataFrame(table))
+            table = save_localisation(ctx.out, "shap", rows)
             summary["localisation"] = table
             print(describe(table, "shap", f"{ctx.model_label} model, SHAP on the {where}", model=ctx.model_label))
         ctx.out.save_json("summary", summary)

@@ -192,6 +192,16 @@ def summarize(rows: list[dict], by=("model", "method")) -> list[dict]:
     return out
 
 
+def save_localisation(out, prefix: str, rows: list[dict], by=("model", "method")) -> list[dict]:
+    """Write <prefix>_localisation.csv (one row per image and map) and its summary; return the summary."""
+    import pandas as pd
+
+    table = summarize(rows, by=by)
+    out.save_csv(f"{prefix}_localisation", pd.DataFrame(rows))
+    out.save_csv(f"{prefix}_localisation_summary", pd.DataFrame(table))
+    return table
+
+
 def describe(summary: list[dict], method: str, label: str = "", **match) -> str:
     """One line: a method's mean scores next to the blank and random baselines, for the summary rows
     whose keys equal `match` (e.g. model="attack")."""
