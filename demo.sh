@@ -7,7 +7,7 @@ set -uo pipefail
 # Analyses whose attack-vs-defense comparison the demo shows.
 COMPARE=${COMPARE:-metric,cm,tsne,tac,lips,na,gradcam,hessian}
 # Analyses the demo also runs on the Blended record.
-BLENDED=${BLENDED:-metric,tsne,quality,fre}
+BLENDED=${BLENDED:-metric,tsne,quality,fre,detect}
 cd "$(dirname "$0")"
 PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python

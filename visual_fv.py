@@ -95,7 +95,8 @@ def tac_ranking(folders, layer: str, model_label: str):
 def lipschitz_ranking(model, layer: str, example: torch.Tensor):
     """Channels of `layer` by descending channel Lipschitz bound (with the BN the layer feeds)."""
     for unit in compute_channel_lipschitz(model, example):
-        if unit.name == layer or unit.modules.startswith(f"{layer} -> "):
+        # rows are named after the conv; a BN given as the layer matches the conv that feeds it
+        if layer in (unit.name, unit.conv, unit.bn):
             return np.argsort(-unit.values, kind="stable").tolist(), unit.modules
     return None
 

@@ -1,36 +1,48 @@
 """Attribution suite (Captum) scored against the trigger: which method finds the backdoor?
 
 Each method of --methods attributes the explained class (--target) of every image to its input
-pixels: saliency |d f / d x|, SmoothGrad (saliency averaged over Gaussian-noised copies),
-integrated gradients (from a black image), occlusion (score drop when a window is replaced by
-the dataset mean), guided backprop, DeepLift (from a black image), input x gradient, Grad-CAM
-(Captum's LayerGradCam on --target_layer_name, upsampled) and LRP (epsilon rule; skipped with a
-note where the model's layers do not allow it). For every poisoned image the trigger footprint
-is known from its clean twin, and each map (|.| summed over channels) is scored: share of
-attribution inside the footprint, pointing game, IoU of the top-k pixels, next to a blank
-(uniform) and a random map, as Casper et al. scored Captum methods against trojan triggers
-(utils/footprint.py has the definitions).
+pixels. The default suite: saliency |d f / d x|, SmoothGrad (saliency averaged over
+Gaussian-noised copies), integrated gradients (from a black image), occlusion (score drop when a
+window is replaced by the dataset mean), guided backprop, DeepLift (from a black image), input x
+gradient, Grad-CAM (Captum's LayerGradCam on --target_layer_name, upsampled) and LRP (epsilon
+rule; skipped with a note where the model's layers do not allow it). Also available: DeepLiftSHAP
+and GradientSHAP (baselines: the black image and seeded Gaussian noise around it), deconvolution,
+guided Grad-CAM, and the perturbation methods feature ablation, feature permutation, Shapley value
+sampling, LIME and KernelSHAP, which switch a grid of --superpixel cells on and off.
+`--methods casper` runs Casper et al.'s set: Captum's 16 primary attribution methods.
+
+For every poisoned image the trigger footprint is known from its clean twin, and each map (|.|
+summed over channels) is scored (utils/footprint.py has the definitions): share of attribution
+inside the footprint, pointing game, IoU of the top-k pixels, correlation with the footprint and
+L1 distance to it (Casper et al.'s two scores), next to a blank (uniform) map, a random map and an
+edge detector (Sobel magnitude of the image). The ranking (utils/casper.py) gives every method's
+mean with a 95% bootstrap interval over images and whether it beats each baseline.
 """
+import time
+
 import numpy as np
 import torch
 
-from utils.attribution import (choose_images, METHODS, TARGET_CHOICES, Attributor, Options, Skipped,
-                               explained_classes, image_title, pages, parse_methods, predict_batch,
-                               short, show_heatmap, table_figure)
+from utils.attribution import (choose_images, DEFAULT_METHODS, METHOD_SETS, METHODS, TARGET_CHOICES, Attributor,
+                               Options, Skipped, explained_classes, image_title, pages, parse_methods,
+                               predict_batch, short, show_heatmap, table_figure)
+from utils.casper import DEFAULT_RESAMPLES, ordered, rank_methods
 from utils.cli import main
 from utils.context import load_context
 from utils.device import progress
 from utils.errors import UserError
 from utils.footprint import (BASELINES, add_localisation_arguments, check_localisation_arguments, describe,
-                             draw_footprint, draw_score_bars, reduce_map, score_bars_figure, score_maps,
-                             save_localisation, split_footprints)
+                             draw_footprint, draw_ranking, draw_score_bars, ranking_figure, reduce_map,
+                             score_bars_figure, score_maps, save_localisation, split_footprints)
 from utils.plotting import show_image
 
 DEMO_ARGS = ["--num_scored", "4"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from: {', '.join(METHODS)}; or {', '.join(METHOD_SETS)} "
+                             f"(Casper et al.'s 16 Captum methods)")
     parser.add_argument("--num_images", type=int, default=2, help="clean and poisoned images shown (each)")
     parser.add_argument("--num_scored", type=int, default=8,
                         help="poisoned images attributed and scored against the trigger footprint")
@@ -40,18 +52,28 @@ def add_arguments(parser):
     parser.add_argument("--ig_steps", type=int, default=32, help="integration steps of integrated gradients")
     parser.add_argument("--occlusion_window", type=int, help="occlusion window side (default: image side / 8)")
     parser.add_argument("--occlusion_stride", type=int, help="occlusion stride (default: 1, every pixel its own score)")
+    parser.add_argument("--superpixel", type=int,
+                        help="cell side of the perturbation methods' feature grid (default: image side / 8)")
+    parser.add_argument("--perturbation_samples", type=int, default=200,
+                        help="random superpixel coalitions per image for LIME and KernelSHAP")
+    parser.add_argument("--shapley_permutations", type=int, default=4,
+                        help="random superpixel orders per image for Shapley value sampling")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
+                        help="bootstrap resamples of the images for the ranking's 95%% intervals")
     add_localisation_arguments(parser)
 
 
-def compute_attributions(attributor: Attributor, methods, x: torch.Tensor, targets) -> tuple[dict, dict]:
-    """({method: N x C x H x W attribution}, {method: why it was skipped})."""
-    maps, skipped = {}, {}
+def compute_attributions(attributor: Attributor, methods, x: torch.Tensor, targets) -> tuple[dict, dict, dict]:
+    """({method: N x C x H x W attribution}, {method: why it was skipped}, {method: seconds})."""
+    maps, skipped, seconds = {}, {}, {}
     for method in progress(methods, "methods"):
+        started = time.perf_counter()
         try:
             maps[method] = attributor.attribute(method, x, targets).cpu()
         except Skipped as why:
             skipped[method] = str(why)
-    return maps, skipped
+        seconds[method] = round(time.perf_counter() - started, 2)
+    return maps, skipped, seconds
 
 
 def draw_maps(ctx, split, positions, maps: dict, predicted, explained, probs, mask_of, label):
@@ -77,11 +99,37 @@ def draw_maps(ctx, split, positions, maps: dict, predicted, explained, probs, ma
         ctx.out.save_figure(fig, "saliency_maps" + (f"_p{page_no + 1}" if page_no else ""))
 
 
+def write_ranking(ctx, rows: list[dict], methods: list[str], resamples: int, seed: int, images: int) -> list[dict]:
+    """Casper et al.'s ranking: CSV of every method, baseline and score, the figure ranked by
+    correlation, a printed line per method; returns the correlation rows, best first."""
+    import pandas as pd
+
+    ranking = rank_methods(rows, resamples=resamples, seed=seed)
+    ctx.out.save_csv("saliency_ranking", pd.DataFrame(ranking))
+    by_correlation = ordered(ranking, "correlation")
+    order = [r["method"] for r in by_correlation]
+    fig, axes = ranking_figure(len(methods))
+    draw_ranking(axes[0], {score: [r for r in ranking if r["score"] == score] for score in ("correlation", "l1")},
+                 order)
+    fig.suptitle(f"Attribution methods ranked by correlation with the trigger footprint (Casper et al.), {images} "
+                 f"poisoned images, {ctx.model_label} model, {ctx.record.name}; bars: mean and 95% bootstrap "
+                 f"interval", fontsize=9)
+    fig.tight_layout()
+    ctx.out.save_figure(fig, "saliency_ranking")
+    print("ranking by correlation with the trigger footprint (mean [95% bootstrap interval]; beats baseline?):")
+    for r in by_correlation:
+        verdicts = ", ".join(f"{b} {'yes' if r[f'beats_{b}'] else 'no' if r[f'beats_{b}'] is False else 'n/a'}"
+                             for b in BASELINES if f"beats_{b}" in r and b != r["method"])
+        print(f"  {r['method']}: {r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]; beats {verdicts}")
+    return by_correlation
+
+
 def run(args) -> dict:
     methods = parse_methods(args.methods)
     if args.num_images < 0 or args.num_scored < 0:
         raise UserError("--num_images and --num_scored must not be negative")
-    for flag in ("smooth_samples", "ig_steps", "occlusion_window", "occlusion_stride"):
+    for flag in ("smooth_samples", "ig_steps", "occlusion_window", "occlusion_stride", "superpixel",
+                 "perturbation_samples", "shapley_permutations", "bootstrap"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1")
@@ -92,16 +140,19 @@ def run(args) -> dict:
         model = ctx.model
         size = split.transform.size
         channels = split.transform.channels
-        options = Options(layer_name=ctx.layer_name(model) if "gradcam" in methods else None,
+        needs_layer = {"gradcam", "guided_gradcam"} & set(methods)
+        options = Options(layer_name=ctx.layer_name(model) if needs_layer else None,
                           smooth_samples=args.smooth_samples, ig_steps=args.ig_steps,
                           occlusion_window=args.occlusion_window, occlusion_stride=args.occlusion_stride,
+                          superpixel=args.superpixel, perturbation_samples=args.perturbation_samples,
+                          shapley_permutations=args.shapley_permutations,
                           baseline=ctx.transform.normalize(torch.zeros(1, channels, *size)),
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, seed=args.seed)
         attributor = Attributor(model, options)
         x = split.batch(positions)[0]
         predicted, probs = predict_batch(model, x, args.batch_size)
         explained = explained_classes(args.target, predicted, split.original_labels[positions], ctx.target_class)
-        raw, skipped = compute_attributions(attributor, methods, x, explained)
+        raw, skipped, seconds = compute_attributions(attributor, methods, x, explained)
         for note_text in attributor.notes:
             print(f"note: {note_text}")
         for method, why in skipped.items():
@@ -116,7 +167,8 @@ def run(args) -> dict:
         draw_maps(ctx, split, shown, {m: r[pick] for m, r in reduced.items()}, predicted[pick], explained[pick],
                   probs[pick], mask_of, ctx.model_label)
         summary = {"split": split.name, "model": ctx.model_label, "target": args.target, "methods": list(raw),
-                   "skipped": skipped, "layer": options.layer_name, "clean_images": int(len(clean_pos)),
+                   "skipped": skipped, "seconds_per_method": seconds, "layer": options.layer_name,
+                   "clean_images": int(len(clean_pos)),
                    "poisoned_images_scored": int(len(scored)), "note": note}
         if len(scored):
             k = len(clean_pos)
@@ -124,10 +176,11 @@ def run(args) -> dict:
                      "label": int(split.labels[p]), "original_label": int(split.original_labels[p]),
                      "predicted": int(predicted[k + j]), "explained": int(explained[k + j])}
                     for j, p in enumerate(scored)]
+            pixels = split.pixels().batch(scored)[0]
             rows = []
             for i, method in enumerate(reduced):
                 rows += score_maps(reduced[method][k:], masks, method, meta, args.topk_percent, seed=args.seed,
-                                   baselines=i == 0)
+                                   baselines=i == 0, images=pixels)
             table = save_localisation(ctx.out, "saliency", rows)
             summary["localisation"] = table
             for method in reduced:
@@ -139,6 +192,7 @@ def run(args) -> dict:
                          f"{ctx.record.name}", fontsize=10)
             fig.tight_layout()
             ctx.out.save_figure(fig, "saliency_localisation")
+            summary["ranking"] = write_ranking(ctx, rows, list(reduced), args.bootstrap, args.seed, n)
         ctx.out.save_json("summary", summary)
         return ctx.finish(summary)
 

@@ -2,10 +2,12 @@
 
     python -m demo.defense_clp record/badnet_demo [--u 3]
 
-Channels whose Lipschitz upper bound lies above mean + u*std of their layer are zeroed (for a
-conv->BN pair, the BN's weight and bias; for a lone convolution, its kernel). The result is
-written as BackdoorBench writes a defense: record/<name>/defense/clp/defense_result.pt, a plain
-state_dict with zeroed channels.
+The demo writes what BackdoorBench's CLP defense (defense/clp.py) would write, so it prunes by
+BackdoorBench's rule (utils/lipschitz.py, pairing "backdoorbench"): each BatchNorm2d is paired with
+the last Conv2d registered before it, std = sqrt(running_var) without eps, and the BN channels
+above mean + u*std of their layer get weight and bias zeroed. `visual_lips.py --pairing
+backdoorbench` flags exactly these channels. The result is written as BackdoorBench writes a
+defense: record/<name>/defense/clp/defense_result.pt, a plain state_dict with zeroed channels.
 """
 import argparse
 import sys
@@ -22,21 +24,14 @@ from utils.splits import ImageTransform, build_split
 
 
 @torch.no_grad()
-def prune_clp(model: torch.nn.Module, example: torch.Tensor, u: float) -> int:
-    """Zero the flagged channels in place; returns how many were zeroed."""
+def prune_clp(model: torch.nn.Module, u: float) -> int:
+    """Zero, in place, the BN channels BackdoorBench's CLP zeroes; returns how many."""
     modules = dict(model.named_modules())
     zeroed = 0
-    for unit in compute_channel_lipschitz(model, example, u=u):
+    for unit in compute_channel_lipschitz(model, u=u, pairing="backdoorbench"):
         channels = torch.as_tensor(unit.flagged, dtype=torch.long)
-        if not len(channels) or unit.kind == "linear":
-            continue
-        if unit.kind.endswith("+bn"):
-            modules[unit.name].weight[channels] = 0
-            modules[unit.name].bias[channels] = 0
-        elif unit.kind == "conv":
-            modules[unit.name].weight[channels] = 0
-        else:
-            continue
+        modules[unit.bn].weight[channels] = 0
+        modules[unit.bn].bias[channels] = 0
         zeroed += len(channels)
     return zeroed
 
@@ -49,8 +44,7 @@ def main(argv=None) -> int:
     record = load_record(args.record)
     model = load_zoo_model(record.model_name, record.num_classes, record.state_dict, record.img_size[2],
                         str(record.path), torch.device("cpu"))
-    example = torch.zeros(2, record.img_size[2], *record.img_size[:2])
-    zeroed = prune_clp(model, example, args.u)
+    zeroed = prune_clp(model, args.u)
     folder = Path(record.path) / "defense" / "clp"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model_name": record.model_name, "num_classes": record.num_classes, "model": model.state_dict()},

@@ -3,7 +3,7 @@
 directions  Gaussian directions with filter / layer / weight normalisation, or towards a second model
 evaluate    loss and accuracy at w + a*dx + b*dy on batches held in memory, several points per pass
 schedule    grid points spread over MPI ranks (mpi4py), or one process without mpirun
-store       the resumable HDF5 store (NaN = not computed), replaced atomically
+store       the resumable HDF5 store (computed and diverged points apart), replaced atomically, locked per run
 plots       contour, heat map, 3-D surface, 1-D curve
 """
 from .directions import base_entries, difference_direction, fingerprint, make_directions, normalize_direction, \

@@ -1,8 +1,10 @@
 """Figures of a landscape: contour lines with labelled levels, heat maps, 3-D surface, 1-D curve.
 
-Grids are (nx, ny) arrays indexed [i, j] for (x[i], y[j]); NaN marks points not computed yet,
-which are drawn as gaps (never as a value) and counted in the title. With two splits (clean and
-poisoned) the panels stand side by side on one colour scale.
+Grids are (nx, ny) arrays indexed [i, j] for (x[i], y[j]), with a boolean grid `computed` of the
+points evaluated so far. Points not computed yet are drawn as gaps (never as a value); computed
+points whose loss is NaN or infinite (the network diverged there) are drawn as red markers in the
+legend. Both are counted in the titles. With two splits (clean and poisoned) the panels stand
+side by side on one colour scale.
 """
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
@@ -58,9 +60,27 @@ def _norm(values):
     return LogNorm(low, high, clip=True) if log else Normalize(low, high)
 
 
-def _status(grid) -> str:
-    computed = int(np.count_nonzero(np.isfinite(grid)))
-    return "" if computed == grid.size else f"  [partial: {computed} of {grid.size} points]"
+DIVERGED_STYLE = dict(linestyle="none", marker="X", markersize=7, color="#d62728", markeredgecolor="black",
+                      markeredgewidth=0.5, label="diverged (loss NaN or inf)", zorder=6,
+                      clip_on=False)  # points on the grid's edge are drawn whole
+
+
+def diverged_points(grid, computed) -> np.ndarray:
+    return np.asarray(computed, dtype=bool) & ~np.isfinite(np.asarray(grid, dtype=float))
+
+
+def _status(grid, computed) -> str:
+    done = int(np.count_nonzero(computed))
+    diverged = int(np.count_nonzero(diverged_points(grid, computed)))
+    parts = ([f"partial: {done} of {np.size(grid)} points"] if done < np.size(grid) else []) + \
+        ([f"{diverged} diverged"] if diverged else [])
+    return f"  [{'; '.join(parts)}]" if parts else ""
+
+
+def _gaps(grid) -> np.ndarray:
+    """The grid with NaN wherever it has no value to draw (not computed, or diverged to NaN or inf)."""
+    grid = np.asarray(grid, dtype=float)
+    return np.where(np.isfinite(grid), grid, np.nan)
 
 
 def _mark(ax, marks):
@@ -69,13 +89,19 @@ def _mark(ax, marks):
                 label=label, zorder=5)
 
 
-def _missing(ax, x, y, grid):
-    i, j = np.nonzero(~np.isfinite(grid))
+def _missing(ax, x, y, computed):
+    i, j = np.nonzero(~np.asarray(computed, dtype=bool))
     if len(i):
         ax.plot(x[i], y[j], linestyle="none", marker="x", markersize=4, color="0.55", label="not computed")
 
 
-def plot_contours(x, y, loss: dict, title: str, xlabel: str, ylabel: str, marks=()):
+def _diverged(ax, x, y, grid, computed):
+    i, j = np.nonzero(diverged_points(grid, computed))
+    if len(i):
+        ax.plot(x[i], y[j], **DIVERGED_STYLE)
+
+
+def plot_contours(x, y, loss: dict, computed, title: str, xlabel: str, ylabel: str, marks=()):
     """Contour lines of the loss with labelled levels, one panel per split (each its own levels:
     a poisoned split's loss can sit orders of magnitude below the clean one)."""
     fig, axes = plt.subplots(1, len(loss), figsize=(6.0 * len(loss), 5.4), squeeze=False)
@@ -88,12 +114,13 @@ def plot_contours(x, y, loss: dict, title: str, xlabel: str, ylabel: str, marks=
                                norm=_norm(_finite([grid])))  # geometric levels get evenly spread colours
             # Every other level labelled: labels of close levels near the minimum would overlap.
             ax.clabel(lines, lines.levels[::2], inline=True, fontsize=7, fmt=lambda v: f"{v:.3g}")
-        _missing(ax, x, y, grid)
+        _missing(ax, x, y, computed)
+        _diverged(ax, x, y, grid, computed)
         _mark(ax, marks)
         ax.set_xlim(x.min(), x.max()); ax.set_ylim(y.min(), y.max())
         ax.set_aspect("auto")
         ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
-        ax.set_title(f"loss on the {split_title(split)}{_status(grid)}", fontsize=10)
+        ax.set_title(f"loss on the {split_title(split)}{_status(grid, computed)}", fontsize=10)
         ax.grid(alpha=0.2)
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.suptitle(title, fontsize=11)
@@ -101,9 +128,9 @@ def plot_contours(x, y, loss: dict, title: str, xlabel: str, ylabel: str, marks=
     return fig
 
 
-def plot_heatmaps(x, y, loss: dict, accuracy: dict, title: str, xlabel: str, ylabel: str, marks=()):
+def plot_heatmaps(x, y, loss: dict, accuracy: dict, computed, title: str, xlabel: str, ylabel: str, marks=()):
     """Filled maps: loss (top row) and accuracy (bottom), per split, each row on one colour scale
-    (log for a loss spanning more than a decade)."""
+    (log for a loss spanning more than a decade). Diverged points are marked in both rows."""
     n = len(loss)
     fig, axes = plt.subplots(2, n, figsize=(5.6 * n + 0.8, 9.4), squeeze=False)
     loss_norm = _norm(_finite(loss.values()))
@@ -111,51 +138,64 @@ def plot_heatmaps(x, y, loss: dict, accuracy: dict, title: str, xlabel: str, yla
                                                      (accuracy, Normalize(0, 1), "viridis", "accuracy"))):
         for col, (split, grid) in enumerate(grids.items()):
             ax = axes[row, col]
-            colours = plt.get_cmap(cmap).with_extremes(bad="0.85")  # points not computed: light grey, not a value
-            image = ax.pcolormesh(x, y, np.ma.masked_invalid(grid).T, shading="nearest", cmap=colours, norm=norm)
+            colours = plt.get_cmap(cmap).with_extremes(bad="0.85")  # no value: light grey
+            shown = np.ma.masked_where(~np.asarray(computed, dtype=bool) | ~np.isfinite(grid), grid)
+            image = ax.pcolormesh(x, y, shown.T, shading="nearest", cmap=colours, norm=norm)
+            _diverged(ax, x, y, loss[split], computed)
             _mark(ax, marks)
             ax.set_xlabel(xlabel); ax.set_ylabel(ylabel)
-            ax.set_title(f"{what} on the {split_title(split)}{_status(grid)}", fontsize=10)
+            ax.set_title(f"{what} on the {split_title(split)}{_status(loss[split], computed)}", fontsize=10)
             fig.colorbar(image, ax=ax, label=what + (" (log scale)" if isinstance(norm, LogNorm) else ""))
-            if marks and col == 0:
+            if ax.get_legend_handles_labels()[0] and col == 0:
                 ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def plot_surfaces(x, y, loss: dict, title: str, xlabel: str, ylabel: str):
-    """3-D surfaces of the loss (log10 when its range is wide), one per split, each its own z scale."""
+def plot_surfaces(x, y, loss: dict, computed, title: str, xlabel: str, ylabel: str):
+    """3-D surfaces of the loss (log10 when its range is wide), one per split, each its own z scale;
+    diverged points as markers on the top of the box."""
     fig = plt.figure(figsize=(6.2 * len(loss), 5.6))
     X, Y = np.meshgrid(x, y, indexing="ij")
     for k, (split, grid) in enumerate(loss.items(), start=1):
         ax = fig.add_subplot(1, len(loss), k, projection="3d")
         log, low, high = value_range(_finite([grid]))
-        Z = np.asarray(grid, dtype=float)
+        Z = _gaps(grid)
         if log:
             Z, low, high = np.log10(np.maximum(Z, low)), np.log10(low), np.log10(high)
         ax.plot_surface(X, Y, Z, cmap="viridis", vmin=low, vmax=high, linewidth=0.2, edgecolor="0.3",
                         antialiased=True, rstride=1, cstride=1)
+        i, j = np.nonzero(diverged_points(grid, computed))
+        if len(i):
+            ax.plot(x[i], y[j], np.full(len(i), high), **DIVERGED_STYLE)
+            ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
         ax.set_zlim(low, high)
         ax.set_xlabel(xlabel, fontsize=8); ax.set_ylabel(ylabel, fontsize=8)
         ax.set_zlabel("log10 loss" if log else "loss", fontsize=8, labelpad=8)
-        ax.set_title(f"loss on the {split_title(split)}{_status(grid)}", fontsize=10)
+        ax.set_title(f"loss on the {split_title(split)}{_status(grid, computed)}", fontsize=10)
         ax.view_init(elev=32, azim=-58)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def plot_curves(x, loss: dict, accuracy: dict, title: str, xlabel: str, marks=()):
-    """1-D: loss (left axis) and accuracy (right axis, dashed) along the direction, per split."""
+def plot_curves(x, loss: dict, accuracy: dict, computed, title: str, xlabel: str, marks=()):
+    """1-D: loss (left axis) and accuracy (right axis, dashed) along the direction, per split;
+    diverged points as markers along the top edge."""
     fig, ax = plt.subplots(figsize=(8.4, 5.6))
     acc_ax = ax.twinx()
     colours = plt.get_cmap("tab10").colors
     log, low, _ = value_range(_finite(loss.values()))
     for k, split in enumerate(loss):
-        shown = np.maximum(loss[split], low) if log else loss[split]  # NaN (not computed) stays a gap
+        shown = _gaps(loss[split])
+        shown = np.maximum(shown, low) if log else shown
         ax.plot(x, shown, color=colours[k], marker="o", markersize=3, label=f"loss, {split_title(split)}")
-        acc_ax.plot(x, accuracy[split], color=colours[k], linestyle="--", label=f"accuracy, {split_title(split)}")
+        acc_ax.plot(x, np.where(computed, accuracy[split], np.nan), color=colours[k], linestyle="--",
+                    label=f"accuracy, {split_title(split)}")
+    diverged = np.logical_or.reduce([diverged_points(grid, computed) for grid in loss.values()])
+    if diverged.any():
+        ax.plot(x[diverged], np.full(int(diverged.sum()), 0.97), transform=ax.get_xaxis_transform(), **DIVERGED_STYLE)
     if log:
         ax.set_yscale("log")
     for a, _, label, color in marks:
@@ -164,7 +204,7 @@ def plot_curves(x, loss: dict, accuracy: dict, title: str, xlabel: str, marks=()
                 color=color)
     ax.set_xlabel(xlabel); ax.set_ylabel("loss (cross-entropy)")
     acc_ax.set_ylabel("accuracy"); acc_ax.set_ylim(-0.02, 1.02)
-    status = "".join(_status(np.asarray(g)) for g in list(loss.values())[:1])
+    status = "".join(_status(np.asarray(g), computed) for g in list(loss.values())[:1])
     fig.suptitle(title + status, fontsize=10, wrap=True)
     lines = ax.get_legend_handles_labels()
     more = acc_ax.get_legend_handles_labels()

@@ -5,18 +5,30 @@ Layout (h5py):
     xcoordinates      (nx,)
     ycoordinates      (ny,)                      2-D only
     directions/x/<entry>, directions/y/<entry>   the tensors of dx (and dy), float as the model
-    <split>/loss, <split>/accuracy               (nx,) or (nx, ny); NaN where not yet computed
+    computed          (nx,) or (nx, ny) bool     the points evaluated so far
+    <split>/loss, <split>/accuracy               (nx,) or (nx, ny)
 
 Grid point (i, j) is (x[i], y[j]); its flat index is i * ny + j (i for 1-D).
 
+"Computed" is kept apart from the values: a point whose loss came out NaN or infinite (weights
+that leave the network undefined, e.g. a BatchNorm variance moved below zero) is a result, a
+diverged point, not a missing one; a resume does not evaluate it again. Stores of the first
+format (no `computed`: NaN meant "not computed") are read with that meaning and upgraded when
+saved.
+
 Crash safety: the file on disk is only ever replaced whole (`os.replace` of a finished copy in
 the same folder), never edited in place, so a run killed at any moment leaves the previous
-complete file, with NaN for the points it had not saved yet. A rerun reads that file and
-computes only the NaN points.
+complete file without the points it had not saved yet. A rerun reads that file and computes
+only the missing points.
+
+One run at a time: `StoreLock` holds an exclusive lock on a file beside the store for the length
+of a run (rank 0 under MPI, the only rank that touches the store); a second run is refused.
 """
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,7 +38,9 @@ import torch
 
 from utils.errors import UserError
 
-FORMAT = "backdoor-lens-landscape-1"
+FORMAT = "backdoor-lens-landscape-2"
+FIRST_FORMAT = "backdoor-lens-landscape-1"  # NaN loss = not computed
+FORMAT_PREFIX = "backdoor-lens-landscape-"
 
 
 def grid_coordinates(x, y, flat) -> np.ndarray:
@@ -38,11 +52,24 @@ def grid_coordinates(x, y, flat) -> np.ndarray:
     return np.stack([np.asarray(x)[i], np.asarray(y)[j]], axis=1)
 
 
+def store_format(path) -> str | None:
+    """The format marker of the landscape store at `path`; None when the file is not one of ours
+    (not HDF5, or HDF5 without the marker): such a file is never replaced, not even with --overwrite."""
+    try:
+        with h5py.File(path, "r") as handle:
+            marker = handle.attrs.get("format")
+    except OSError:
+        return None
+    if isinstance(marker, bytes):
+        marker = marker.decode(errors="replace")
+    return marker if isinstance(marker, str) and marker.startswith(FORMAT_PREFIX) else None
+
+
 class LandscapeStore:
     """The grids in memory (rank 0), saved to `path` atomically with `save()`."""
 
     def __init__(self, path: Path, settings: dict, x: np.ndarray, y: np.ndarray | None, splits: list,
-                 loss: dict, accuracy: dict):
+                 loss: dict, accuracy: dict, computed: np.ndarray):
         self.path = Path(path)
         self.settings = settings
         self.x = np.asarray(x, dtype=np.float64)
@@ -50,6 +77,7 @@ class LandscapeStore:
         self.splits = list(splits)
         self.loss = loss
         self.accuracy = accuracy
+        self.computed = np.asarray(computed, dtype=bool)  # grid of the points evaluated (diverged ones too)
         self.dirty = False  # results put since the last save
 
     # --- shape and points ----------------------------------------------------------------------
@@ -65,14 +93,22 @@ class LandscapeStore:
         return grid_coordinates(self.x, self.y, flat)
 
     def missing(self) -> np.ndarray:
-        """Flat indices of points that some split still lacks, in grid order."""
-        gap = np.zeros(self.size, dtype=bool)
-        for split in self.splits:
-            gap |= np.isnan(self.loss[split].ravel())
-        return np.flatnonzero(gap)
+        """Flat indices of the points not computed yet, in grid order."""
+        return np.flatnonzero(~self.computed.ravel())
 
     def done(self) -> int:
-        return self.size - len(self.missing())
+        return int(np.count_nonzero(self.computed))
+
+    def diverged_grid(self, split: str) -> np.ndarray:
+        """Computed points whose loss on `split` is NaN or infinite."""
+        return self.computed & ~np.isfinite(self.loss[split])
+
+    def diverged(self) -> int:
+        """Computed points whose loss is NaN or infinite on any split."""
+        grid = np.zeros(self.shape, dtype=bool)
+        for split in self.splits:
+            grid |= self.diverged_grid(split)
+        return int(np.count_nonzero(grid))
 
     def put(self, flat, results: dict) -> None:
         """results: {split: (loss[k], accuracy[k])} for the k flat indices `flat`."""
@@ -80,18 +116,18 @@ class LandscapeStore:
         for split, (loss, acc) in results.items():
             self.loss[split].flat[flat] = loss
             self.accuracy[split].flat[flat] = acc
+        self.computed.flat[flat] = True
         self.dirty = True
 
     # --- files ---------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, settings: dict, x, y, splits, dx: dict, dy: dict | None) -> "LandscapeStore":
-        """A new store with every point missing (NaN), written atomically."""
+        """A new store with every point missing, written atomically."""
         shape = (len(x),) if y is None else (len(x), len(y))
         store = cls(path, settings, x, y, splits, {s: np.full(shape, np.nan) for s in splits},
-                    {s: np.full(shape, np.nan) for s in splits})
+                    {s: np.full(shape, np.nan) for s in splits}, np.zeros(shape, dtype=bool))
 
         def write(handle):
-            handle.attrs["format"] = FORMAT
             handle.attrs["settings"] = json.dumps(settings, sort_keys=True)
             handle.attrs["dims"] = len(shape)
             handle.create_dataset("xcoordinates", data=store.x)
@@ -111,21 +147,28 @@ class LandscapeStore:
     @classmethod
     def open(cls, path) -> "LandscapeStore":
         path = Path(path)
+        marker = store_format(path)
+        if marker is None:
+            raise UserError(f"{path} is not a Backdoor Lens landscape store; pass another --surf_file")
+        if marker not in (FORMAT, FIRST_FORMAT):
+            raise UserError(f"{path} is a landscape store of another version ({marker}); "
+                            f"pass --overwrite to start it again, or another --surf_file")
         try:
             with h5py.File(path, "r") as handle:
-                if handle.attrs.get("format") != FORMAT:
-                    raise UserError(f"{path} is not a Backdoor Lens landscape store; "
-                                    f"pass another --surf_file or --overwrite")
                 settings = json.loads(handle.attrs["settings"])
                 x = handle["xcoordinates"][()]
                 y = handle["ycoordinates"][()] if "ycoordinates" in handle else None
                 splits = settings["splits"]
                 loss = {s: handle[f"{s}/loss"][()].astype(np.float64) for s in splits}
                 acc = {s: handle[f"{s}/accuracy"][()].astype(np.float64) for s in splits}
-        except (OSError, KeyError) as error:
+                if marker == FIRST_FORMAT:
+                    computed = np.logical_and.reduce([~np.isnan(loss[s]) for s in splits])
+                else:
+                    computed = handle["computed"][()].astype(bool)
+        except (OSError, KeyError, ValueError) as error:
             raise UserError(f"{path} cannot be read as a landscape store ({str(error).splitlines()[0]}); "
                             f"pass --overwrite to start it again") from None
-        return cls(path, settings, x, y, splits, loss, acc)
+        return cls(path, settings, x, y, splits, loss, acc, computed)
 
     def directions(self) -> tuple:
         """(dx, dy) as stored, tensors on the CPU (dy None for 1-D)."""
@@ -142,14 +185,64 @@ class LandscapeStore:
             self.dirty = False
 
     def _write_grids(self, handle) -> None:
+        handle.attrs["format"] = FORMAT  # a store of the first format is upgraded with its first save
+        grids = {"computed": self.computed}
         for split in self.splits:
-            for name, grid in (("loss", self.loss[split]), ("accuracy", self.accuracy[split])):
-                key = f"{split}/{name}"
-                if key in handle:
-                    handle[key][...] = grid
-                else:
-                    handle.create_dataset(key, data=grid)
-            handle[split].attrs["computed"] = int(np.count_nonzero(~np.isnan(self.loss[split])))
+            grids[f"{split}/loss"], grids[f"{split}/accuracy"] = self.loss[split], self.accuracy[split]
+        for key, grid in grids.items():
+            if key in handle:
+                handle[key][...] = grid
+            else:
+                handle.create_dataset(key, data=grid)
+        for split in self.splits:
+            handle[split].attrs["computed"] = self.done()
+            handle[split].attrs["diverged"] = int(np.count_nonzero(self.diverged_grid(split)))
+
+
+class StoreLock:
+    """An exclusive lock on a store for the length of a run: flock (non-blocking) on
+    `.<store name>.lock` beside it, removed again on release."""
+
+    def __init__(self, store_path: Path):
+        self.store = Path(store_path)
+        self.path = self.store.parent / f".{self.store.name}.lock"
+        self.descriptor = None
+
+    def acquire(self) -> None:
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 200).decode(errors="replace").strip()
+                os.close(descriptor)
+                raise UserError(f"{self.store} is in use by another landscape run"
+                                f"{f' ({holder})' if holder else ''}; wait until it ends, "
+                                f"or pass another --surf_file") from None
+            # The run before us removes the file when it ends; a lock on a removed file locks nothing.
+            if _same_file(descriptor, self.path):
+                break
+            os.close(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        if self.descriptor is None:
+            return
+        if _same_file(self.descriptor, self.path):
+            self.path.unlink()
+        os.close(self.descriptor)
+        self.descriptor = None
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _atomic_write(path: Path, write, copy_from: Path | None) -> None:

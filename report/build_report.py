@@ -2,8 +2,9 @@
 
     python -m report.build_report record/<name> [--defense record/<name>/defense/<d>]
 
-Reads what the scripts wrote (`<method>/summary.json`, `run.json`, PNG figures); with a defense,
-shows the attack's and the defense's results side by side.
+Reads what the scripts wrote (`<method>/summary.json`, `run.json`, and the PNG figures that run.json
+lists as the run's files: nothing else that lies in the folder); with a defense, shows the
+attack's and the defense's results side by side.
 """
 import argparse
 import base64
@@ -35,6 +36,7 @@ METHODS = [
     ("fv", "Feature visualisation", "Synthetic inputs that maximise chosen channels or the target logit; the trigger pattern often appears."),
     ("network", "Network structure", "The record's model as a graph, with a table of layers, shapes and parameters."),
     ("quality", "Trigger visibility", "PSNR/SSIM and norms between each poisoned image and its clean twin; high PSNR/SSIM means an invisible trigger."),
+    ("detect", "Poison detectors vs ground truth", "AC, Spectral Signatures, SPECTRE, Mahalanobis (training set) and STRIP (test inputs) scored against the record's poisoned samples: ROC curves near the top-left corner and separate histograms mean the detector finds the poison; Neural Cleanse flags a class whose trigger mask is anomalously small."),
 ]
 
 # Key numbers at the top of the page, each read from one analysis's summary.json or CSV.
@@ -104,7 +106,19 @@ def _quality(folder):
     return [("trigger visibility", ", ".join(f"{k} {_fmt(s[k])}" for k in keys))] if keys else []
 
 
-KEY_NUMBERS = (_metric, _separation, _tac, _lips, _localisation, _hessian, _quality)
+def _detect(folder):
+    s = _summary(folder / "detect")
+    detectors = [k[len("auroc_"):] for k, v in s.items() if k.startswith("auroc_") and v is not None]
+    rows = [("poison detectors: AUROC (AP)", ", ".join(f"{d} {_fmt(s[f'auroc_{d}'])} ({_fmt(s.get(f'ap_{d}'))})"
+                                                       for d in detectors))] if detectors else []
+    if "nc_flagged_class" in s:
+        rows.append(("Neural Cleanse", f"flagged class {s['nc_flagged_class']} (target {s.get('target')}), "
+                                       f"smallest-mask anomaly index {_fmt(s.get('nc_anomaly_index'))}, "
+                                       f"target mask IoU with the trigger {_fmt(s.get('nc_mask_iou'))}"))
+    return rows
+
+
+KEY_NUMBERS = (_metric, _separation, _tac, _lips, _localisation, _hessian, _quality, _detect)
 
 
 def _summary(folder: Path) -> dict:
@@ -144,7 +158,17 @@ def _image_tag(path: Path) -> str:
 
 
 def _figures(folder: Path) -> list:
-    return sorted(p for p in folder.rglob("*.png") if not p.name.startswith("."))
+    """The PNG figures of the run that wrote the folder, in the order it wrote them."""
+    files = _run(folder).get("files")
+    if not isinstance(files, list):
+        return []
+    inside = folder.resolve()
+    figures = []
+    for name in files:
+        path = (folder / str(name)).resolve()
+        if path.suffix.lower() == ".png" and path.is_relative_to(inside) and path.is_file() and path not in figures:
+            figures.append(path)
+    return figures
 
 
 def _column(folder: Path, label: str) -> str:

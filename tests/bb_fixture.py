@@ -6,7 +6,9 @@
 The model is a PreAct-ResNet-18 (or the requested zoo model) with seeded random weights, or a
 state_dict passed in. Images are class-coloured noise so that a model can learn them quickly.
 """
+import gzip
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,33 +59,176 @@ def class_images(labels: np.ndarray, size, channels: int, seed: int) -> np.ndarr
     return out
 
 
-def write_cifar10(folder: Path, train_images, train_labels, test_images, test_labels):
+class Python2Pickler(pickle._Pickler):
+    """Writes every str and bytes as Python 2's `str` (BINSTRING), as the official CIFAR files hold
+    them (cPickle, protocol 2), and names numpy 1's `numpy.core.multiarray`."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = save_python2_str
+    dispatch[bytes] = save_python2_str
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None)
+        if module == "numpy._core.multiarray":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + obj.__name__.encode() + b"\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+CIFAR_KEY_KINDS = ("bytes", "str", "python2")
+
+
+def dump_cifar_pickle(path: Path, content: dict, keys: str):
+    """keys: "bytes" (Python 3 writer, bytes keys), "str" (Python 3 writer, str keys) or "python2"
+    (the official files: Python 2 strings, read back as bytes or, with latin1, as str)."""
+    if keys == "python2":
+        with open(path, "wb") as handle:
+            Python2Pickler(handle, protocol=2).dump(content)
+        return
+    if keys == "bytes":
+        content = {k.encode(): [n.encode() for n in v] if k.endswith("names") else v for k, v in content.items()}
+    with open(path, "wb") as handle:
+        pickle.dump(content, handle)
+
+
+def _cifar_rows(images) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
+
+
+def write_cifar10(folder: Path, train_images, train_labels, test_images, test_labels, keys: str = "bytes"):
     base = folder / "cifar-10-batches-py"
     base.mkdir(parents=True, exist_ok=True)
     chunks = np.array_split(np.arange(len(train_labels)), 5)
     for k, chunk in enumerate(chunks, start=1):
-        data = train_images[chunk].transpose(0, 3, 1, 2).reshape(len(chunk), -1)
-        with open(base / f"data_batch_{k}", "wb") as handle:
-            pickle.dump({b"data": data, b"labels": [int(v) for v in train_labels[chunk]]}, handle)
-    with open(base / "test_batch", "wb") as handle:
-        pickle.dump({b"data": test_images.transpose(0, 3, 1, 2).reshape(len(test_labels), -1),
-                     b"labels": [int(v) for v in test_labels]}, handle)
-    with open(base / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [n.encode() for n in CIFAR_NAMES]}, handle)
+        dump_cifar_pickle(base / f"data_batch_{k}", {"batch_label": f"training batch {k} of 5",
+                                                    "data": _cifar_rows(train_images[chunk]),
+                                                    "labels": [int(v) for v in train_labels[chunk]]}, keys)
+    dump_cifar_pickle(base / "test_batch", {"batch_label": "testing batch 1 of 1", "data": _cifar_rows(test_images),
+                                            "labels": [int(v) for v in test_labels]}, keys)
+    dump_cifar_pickle(base / "batches.meta", {"label_names": list(CIFAR_NAMES), "num_vis": 3072}, keys)
 
 
-def write_mnist(folder: Path, train_images, train_labels, test_images, test_labels):
+CIFAR100_NAMES = [f"fine{k}" for k in range(100)]
+
+
+def write_cifar100(folder: Path, train_images, train_labels, test_images, test_labels, keys: str = "bytes"):
+    base = folder / "cifar-100-python"
+    base.mkdir(parents=True, exist_ok=True)
+    for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        dump_cifar_pickle(base / name, {"data": _cifar_rows(images), "fine_labels": [int(v) for v in labels],
+                                        "coarse_labels": [int(v) // 5 for v in labels]}, keys)
+    dump_cifar_pickle(base / "meta", {"fine_label_names": list(CIFAR100_NAMES),
+                                      "coarse_label_names": [f"coarse{k}" for k in range(20)]}, keys)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The idx format of MNIST: magic (0, 0, 8 = uint8, ndim), big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+MNIST_LAYOUTS = ("raw", "gz", "processed")
+
+
+def write_mnist(folder: Path, train_images, train_labels, test_images, test_labels, layout: str = "raw"):
+    """torchvision's layouts: MNIST/raw/ as plain idx files ("raw") or as the downloaded .gz files
+    ("gz"), or the legacy MNIST/processed/{training,test}.pt of torch tensors ("processed")."""
+    if layout == "processed":
+        processed = folder / "MNIST" / "processed"
+        processed.mkdir(parents=True, exist_ok=True)
+        for name, images, labels in (("training.pt", train_images, train_labels),
+                                     ("test.pt", test_images, test_labels)):
+            torch.save((torch.from_numpy(images[..., 0].copy()), torch.from_numpy(np.asarray(labels, np.int64))),
+                       processed / name)
+        return
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    files = {"train-images-idx3-ubyte": train_images[..., 0], "train-labels-idx1-ubyte": train_labels,
+             "t10k-images-idx3-ubyte": test_images[..., 0], "t10k-labels-idx1-ubyte": test_labels}
+    for name, array in files.items():
+        content = idx_bytes(np.asarray(array))
+        if layout == "gz":
+            (raw / (name + ".gz")).write_bytes(gzip.compress(content))
+        else:
+            (raw / name).write_bytes(content)
 
-    def idx(path, array):
-        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-        path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
-    idx(raw / "train-images-idx3-ubyte", train_images[..., 0])
-    idx(raw / "train-labels-idx1-ubyte", train_labels.astype(np.uint8))
-    idx(raw / "t10k-images-idx3-ubyte", test_images[..., 0])
-    idx(raw / "t10k-labels-idx1-ubyte", test_labels.astype(np.uint8))
+GTSRB_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+
+
+def write_gtsrb(folder: Path, train_images, train_labels, test_images, test_labels, layout: str = "backdoorbench"):
+    """layout "backdoorbench" (sh/gtsrb_download.sh): Train/00000/GT-00000.csv + *.ppm per class,
+    Test/*.ppm + Test/GT-final_test.csv; layout "folders": Train/<class>/*.png, no per-class csv."""
+    from PIL import Image
+
+    train = folder / "Train"
+    counters = {}
+    for image, label in zip(train_images, train_labels):
+        label = int(label)
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        if layout == "folders":
+            path = train / str(label) / f"{k:05d}.png"
+        else:
+            path = train / f"{label:05d}" / f"{label:05d}_{k:05d}.ppm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    if layout != "folders":
+        for label, count in counters.items():
+            rows = [f"{label:05d}_{k:05d}.ppm;32;32;0;0;31;31;{label}" for k in range(count)]
+            (train / f"{label:05d}" / f"GT-{label:05d}.csv").write_text("\n".join([GTSRB_HEADER] + rows) + "\n")
+    test = folder / "Test"
+    test.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, label) in enumerate(zip(test_images, test_labels)):
+        Image.fromarray(image).save(test / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;32;32;0;0;31;31;{int(label)}")
+    (test / "GT-final_test.csv").write_text("\n".join([GTSRB_HEADER] + rows) + "\n")
+
+
+CELEBA_ATTRIBUTES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+                     "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+                     "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+                     "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+                     "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
+                     "Young").split()
+
+
+def write_celeba(folder: Path, train_images, train_labels, test_images, test_labels, seed: int = 0):
+    """torchvision's CelebA layout under celeba/: list_attr_celeba.txt (40 attributes, +-1),
+    list_eval_partition.txt (0 train, 1 valid, 2 test) and img_align_celeba/. A label k is
+    BackdoorBench's 4 * Heavy_Makeup + 2 * Smiling + Mouth_Slightly_Open; the other attributes are
+    random, and two validation images sit between the splits (they belong to neither)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = folder / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    valid = np.zeros((2,) + train_images.shape[1:], np.uint8)
+    parts = [(train_images, train_labels, 0), (valid, np.zeros(2, np.int64), 1), (test_images, test_labels, 2)]
+    attr_rows, partition_rows, n = [], [], 0
+    for images, labels, split in parts:
+        for image, label in zip(images, labels):
+            n += 1
+            name = f"{n:06d}.jpg"
+            Image.fromarray(image).save(base / "img_align_celeba" / name, format="PNG")  # lossless; PIL reads content
+            values = rng.choice([-1, 1], size=len(CELEBA_ATTRIBUTES))
+            for attribute, bit in zip(("Heavy_Makeup", "Smiling", "Mouth_Slightly_Open"), (4, 2, 1)):
+                values[CELEBA_ATTRIBUTES.index(attribute)] = 1 if int(label) & bit else -1
+            attr_rows.append(name + " " + " ".join(f"{v:2d}" for v in values))
+            partition_rows.append(f"{name} {split}")
+    (base / "list_attr_celeba.txt").write_text("\n".join([str(n), " ".join(CELEBA_ATTRIBUTES)] + attr_rows) + "\n")
+    (base / "list_eval_partition.txt").write_text("\n".join(partition_rows) + "\n")
 
 
 def write_tiny(folder: Path, train_images, train_labels, test_images, test_labels, num_classes: int):
@@ -109,7 +254,8 @@ def write_tiny(folder: Path, train_images, train_labels, test_images, test_label
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
 
 
-DATASET_SHAPES = {"cifar10": ((32, 32), 3, 10), "mnist": ((28, 28), 1, 10), "tiny": ((64, 64), 3, 200)}
+DATASET_SHAPES = {"cifar10": ((32, 32), 3, 10), "mnist": ((28, 28), 1, 10), "tiny": ((64, 64), 3, 200),
+                  "cifar100": ((32, 32), 3, 100), "gtsrb": ((32, 32), 3, 43), "celeba": ((64, 64), 3, 8)}
 
 
 def make_bb_root(tmp: Path, name: str = "badnet_mini", dataset: str = "cifar10", model_name: str = "preactresnet18",
@@ -125,12 +271,12 @@ def make_bb_root(tmp: Path, name: str = "badnet_mini", dataset: str = "cifar10",
     train_images = class_images(train_labels, size, channels, seed)
     test_images = class_images(test_labels, size, channels, seed + 1)
     data_dir = root / "data" / dataset
-    if dataset == "cifar10":
-        write_cifar10(data_dir, train_images, train_labels, test_images, test_labels)
-    elif dataset == "mnist":
-        write_mnist(data_dir, train_images, train_labels, test_images, test_labels)
-    else:
+    if dataset == "tiny":
         write_tiny(data_dir, train_images, train_labels, test_images, test_labels, classes)
+    else:
+        writers = {"cifar10": write_cifar10, "cifar100": write_cifar100, "mnist": write_mnist, "gtsrb": write_gtsrb,
+                   "celeba": write_celeba}
+        writers[dataset](data_dir, train_images, train_labels, test_images, test_labels)
     candidates = np.flatnonzero(train_labels != target)
     train_poison = sorted(rng.choice(candidates, size=max(1, int(round(pratio * n_train))), replace=False).tolist())
     test_poison = np.flatnonzero(test_labels != target).tolist()

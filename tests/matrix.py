@@ -37,6 +37,8 @@ MATRIX_ARGS = {
     "visual_network": ["--no_autograd_graph"],
     "visual_quality": ["--n_sub", "8", "--n_examples", "2"],
     "visual_landscape": ["--x=-1:1:2", "--y=-1:1:2", "--n_sub", "8", "--overwrite"],
+    "visual_detect": ["--n_sub", "24", "--strip_inputs", "8", "--strip_overlays", "2", "--strip_clean", "4",
+                      "--nc_images", "4", "--nc_batch", "4", "--nc_steps", "2", "--nc_classes", "3"],
 }
 
 

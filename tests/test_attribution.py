@@ -101,14 +101,19 @@ def test_footprint_of_a_known_patch_is_exactly_its_mask():
     assert (footprint_mask(torch.tensor(poisoned[0]), torch.tensor(clean[0])) == expected[0]).all()
 
 
-def test_scores_of_the_mask_itself_are_one_and_of_a_uniform_map_the_area_share():
+def test_scores_of_the_mask_itself_are_one_and_of_a_uniform_map_the_chance_level():
     mask = np.zeros((10, 10), bool)
     mask[7:9, 6:9] = True  # 6 pixels
     perfect = localisation(mask.astype(float), mask)
     assert (perfect.share, perfect.pointing, perfect.iou, perfect.peak_distance) == (1.0, 1.0, 1.0, 0.0)
+    # a uniform map ranks no pixel above another: its top-k IoU is that of a random ranking, by hand
+    # k|M|/N pixels expected inside, over the union k + |M| minus that
+    k, area, n = 6, 6, 100
+    expected_iou = (k * area / n) / (k + area - k * area / n)
     for flat in (np.full((10, 10), 3.0), np.zeros((10, 10))):  # all-zero counts as blank
         s = localisation(flat, mask)
-        assert s.share == pytest.approx(0.06) and s.pointing == pytest.approx(0.06) and s.iou == pytest.approx(0.06)
+        assert s.share == pytest.approx(0.06) and s.pointing == pytest.approx(0.06)
+        assert s.iou == pytest.approx(expected_iou)
     assert np.isnan(localisation(np.ones((10, 10)), np.zeros((10, 10), bool)).share)
 
 
@@ -128,6 +133,25 @@ def test_scores_of_hand_made_maps():
     far = np.zeros((10, 10))
     far[0, 4] = 1.0
     assert localisation(far, mask).pointing == 0.0 and localisation(far, mask).peak_distance == pytest.approx(3.0)
+
+
+def test_a_sparse_map_inside_the_footprint_is_scored_by_its_support():
+    """Issue 13.6: 5 non-zero pixels inside a 9-pixel footprint, k = 9. The 4 top-k places left go to
+    the 1019 tied zeros, 4 of which are in the footprint: expected intersection 5 + 4 * 4 / 1019."""
+    mask = np.zeros((32, 32), bool)
+    mask[28:31, 28:31] = True
+    sparse = np.zeros((32, 32))
+    sparse[28, 28:31] = [3.0, 2.0, 1.0]
+    sparse[29, 28:30] = [0.5, 0.25]
+    inside = 5 + 4 * 4 / (1024 - 5)
+    expected = inside / (9 + 9 - inside)
+    assert localisation(sparse, mask).iou == pytest.approx(expected, rel=1e-12)
+    # the same map with 1e-9 noise breaks the ties at random: almost surely the 4 extra places fall
+    # outside the footprint (IoU 5 / 13); the expected value differs from that by 0.0012
+    noisy = [localisation(sparse + 1e-9 * np.random.default_rng(seed).random((32, 32)), mask).iou
+             for seed in range(20)]
+    assert np.mean(noisy) == pytest.approx(expected, abs=0.01)
+    assert localisation(sparse, mask).iou > 40 * (9 / 1024)  # far from the blank level it scored before
 
 
 def test_reduce_map_sums_absolute_channels_and_resizes():
@@ -187,7 +211,8 @@ def test_occlusion_matches_a_hand_computed_score_drop(patch_model):
 def test_each_method_gives_maps_of_the_input_shape(patch_model):
     model, _, poisoned = patch_model
     x = poisoned[:2]
-    attributor = Attributor(model, Options(layer_name="conv2", smooth_samples=4, ig_steps=8))
+    attributor = Attributor(model, Options(layer_name="conv2", smooth_samples=4, ig_steps=8, superpixel=4,
+                                           perturbation_samples=16, shapley_permutations=1))
     for method in METHODS:
         try:
             out = attributor.attribute(method, x, [1, 0])
@@ -279,6 +304,32 @@ def png_footprint_pixels(bb, index) -> int:
     return int((np.abs(png - images[index].astype(np.int64)) >= 2).any(-1).sum())
 
 
+def hand_radial_energy(bb, original_index: int, poisoned: int, explained: int) -> np.ndarray:
+    """Energy of the input gradient per integer radius, from the record's files alone: the state_dict,
+    the CIFAR test image (or its poisoned PNG), CIFAR-10's normalisation, numpy's FFT and a loop."""
+    from tests.bb_fixture import load_raw
+
+    model = PreActResNet18(10)
+    model.load_state_dict(load_raw(bb.record_dir / "attack_result.pt")["model"])
+    model.eval()
+    images, labels = cifar_test_images(bb)
+    pixels = images[original_index]
+    if poisoned:
+        pixels = np.asarray(Image.open(bb.record_dir / "bd_test_dataset" / str(labels[original_index])
+                                       / f"{original_index}.png"))
+    mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.247, 0.243, 0.261])
+    x = torch.tensor(((pixels / 255.0 - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32,
+                     requires_grad=True)
+    model(x)[0, int(explained)].backward()
+    gradient = x.grad[0].double().numpy()
+    power = np.fft.fftshift(sum(np.abs(np.fft.fft2(channel)) ** 2 for channel in gradient))
+    energy = np.zeros(int(round(np.hypot(16, 16))) + 1)
+    for u in range(32):
+        for v in range(32):
+            energy[int(round(np.hypot(u - 16, v - 16)))] += power[u, v]
+    return energy
+
+
 def run_script(module, **values):
     import importlib
 
@@ -323,7 +374,8 @@ def test_saliency_shap_and_fre_scripts_write_their_tables(bb, tmp_path):
     summary = run_script("visual_saliency", result_file_attack=bb.record_dir, output_dir=out, num_images=1,
                          num_scored=2, methods=",".join(methods), occlusion_window=8)
     rows = pd.read_csv(out / "saliency" / "saliency_localisation.csv")
-    assert len(rows) == 2 * (len(methods) + 2) and set(rows["method"]) == set(methods) | {"blank", "random"}
+    baselines = {"blank", "random", "edge"}
+    assert len(rows) == 2 * (len(methods) + 3) and set(rows["method"]) == set(methods) | baselines
     table = pd.read_csv(out / "saliency" / "saliency_localisation_summary.csv").set_index("method")
     assert table.loc["saliency", "share"] == pytest.approx(rows[rows.method == "saliency"]["share"].mean())
     assert summary["poisoned_images_scored"] == 2 and (out / "saliency" / "saliency_localisation.png").exists()
@@ -336,9 +388,15 @@ def test_saliency_shap_and_fre_scripts_write_their_tables(bb, tmp_path):
 
     run_script("visual_fre", result_file_attack=bb.record_dir, output_dir=out, num_images=2)
     shares = pd.read_csv(out / "fre" / "fre_energy_share.csv")
-    assert len(shares) == 4 and np.allclose(shares["low_frequency_share"] + shares["high_frequency_share"], 1)
     profile = pd.read_csv(out / "fre" / "fre_radial_profile.csv")
-    assert np.allclose(profile.groupby("position")["energy_share"].sum(), 1)
+    assert len(shares) == 4 and set(shares["poisoned"]) == {0, 1}
+    for _, row in shares.iterrows():
+        by_radius = hand_radial_energy(bb, int(row["original_index"]), int(row["poisoned"]), int(row["explained"]))
+        low = by_radius[:9].sum() / by_radius.sum()  # radius r / 16 <= 0.5, the default --low_cutoff
+        assert row["low_frequency_share"] == pytest.approx(low, abs=1e-5)
+        assert row["high_frequency_share"] == pytest.approx(1 - low, abs=1e-5)
+        written = profile[profile.position == row["position"]].sort_values("radius")["energy_share"].to_numpy()
+        assert np.allclose(written, by_radius / by_radius.sum(), atol=1e-5)
 
 
 def test_clean_prototype_record_explains_clean_images_only(bb, tmp_path, capsys):

@@ -310,7 +310,7 @@ def test_record_without_bd_train_falls_back_to_mixed(tmp_path, script):
     assert "embedding mixed instead of bd_train" in result.stdout
     rows = read_csv(out / "tsne" / "tsne_points_attack.csv")
     poisoned = [int(r["index"]) for r in rows if r["poison"] == "1"]
-    assert len(rows) == 40 + 4 and len(poisoned) == 4  # clean_test plus --pratio 0.1 of it from bd_test
+    assert len(rows) == 40 and len(poisoned) == 4  # BackdoorBench's mixed: int(0.1 * 40) of the 40 served poisoned
     assert set(poisoned) <= set(bb.test_poison)
     assert json.loads((out / "tsne" / "run.json").read_text())["split"] == "mixed"
 

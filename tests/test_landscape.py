@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -318,3 +319,183 @@ def test_flag_errors(bb, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         run(args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+# --- the store is never a file that is not one, and one run at a time holds it -------------------
+
+def sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def record_copy(bb, tmp_path):
+    """A private copy of the miniature record and its data (a test may try to write into it)."""
+    shutil.copytree(bb.root, tmp_path / "bb")
+    return tmp_path / "bb" / bb.record_dir.relative_to(bb.root)
+
+
+@pytest.mark.parametrize("victim", ["attack_result.pt", "poisoned PNG in the record", "figure in visual/",
+                                    "PNG outside the record"])
+def test_surf_file_never_replaces_what_is_not_a_landscape_store(bb, record_copy, tmp_path, victim):
+    figure = record_copy / "visual" / "cm" / "confusion_matrix.png"
+    figure.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(figure)
+    outside = tmp_path / "picture.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(outside)
+    path = {"attack_result.pt": record_copy / "attack_result.pt",
+            "poisoned PNG in the record": next((record_copy / "bd_test_dataset").rglob("*.png")),
+            "figure in visual/": figure, "PNG outside the record": outside}[victim]
+    before = sha256(path)
+    listed = sorted(record_copy.rglob("*"))
+    result = landscape("--result_file_attack", record_copy, "--surf_file", path, "--overwrite", *GRID,
+                       "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "--surf_file" in lines[0], result.stderr
+    assert sha256(path) == before
+    assert sorted(record_copy.rglob("*")) == listed and not (tmp_path / "out").exists()
+
+
+def test_store_in_use_by_another_run_is_refused(bb, reference, tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    shutil.copytree(reference, out / "landscape")
+    store = out / "landscape" / "landscape.h5"
+    before = sha256(store)
+    with open(out / "landscape" / ".landscape.h5.lock", "w") as held:  # what a running landscape holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = landscape("--result_file_attack", bb.record_dir, "--output_dir", out, *GRID)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(store) in lines[0] and "in use by another landscape run" in lines[0]
+    assert sha256(store) == before
+    # Once the other run let go, the same command runs (and finds nothing left to compute).
+    again = landscape("--result_file_attack", bb.record_dir, "--output_dir", out, *GRID)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "landscape" / "summary.json").read_text())["points_this_run"] == 0
+    assert not [p for p in (out / "landscape").iterdir() if p.name.startswith(".")]  # lock file removed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "is a folder"),
+    ("below a file", "which is a file"),
+    ("read-only folder", "is not writable"),
+    ("read-only folder, file exists", "is not writable"),
+])
+def test_surf_file_location_errors(bb, tmp_path, monkeypatch, case, message):
+    from visual_landscape import add_arguments, run
+
+    (tmp_path / "file.txt").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "old.h5").write_text("x")
+    surf = {"folder": tmp_path, "below a file": tmp_path / "file.txt" / "s.h5", "read-only folder": locked / "s.h5",
+            "read-only folder, file exists": locked / "old.h5"}[case]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if os.path.abspath(path) == str(locked)
+                        else real_access(path, mode, *a, **k))  # root writes through chmod
+    args = make_args(add_arguments, default_split="bd_train", result_file_attack=str(bb.record_dir),
+                     output_dir=str(tmp_path / "out"), x="-1:1:3", visual_dataset="bd_test", n_sub=4, device="cpu",
+                     quiet=True, surf_file=str(surf))
+    with pytest.raises(UserError, match=rf"--surf_file {re.escape(str(surf))}.*{message}.*--surf_file"):
+        run(args)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in locked.iterdir()) == ["old.h5"]
+
+
+# --- outputs of earlier runs do not survive; bad data leaves no store -----------------------------
+
+def test_new_run_replaces_old_figures_and_keeps_the_store(bb, tmp_path):
+    out = tmp_path / "out"
+    small = ["--visual_dataset", "bd_test", "--n_sub", "4", "--device", "cpu", "--quiet"]
+    first = landscape("--result_file_attack", bb.record_dir, "--output_dir", out, "--x=-1:1:3", "--y=-1:1:3", *small)
+    assert first.returncode == 0, first.stderr
+    assert (out / "landscape" / "landscape_contour.png").is_file()
+    second = landscape("--result_file_attack", bb.record_dir, "--output_dir", out, "--x=-1:1:3", "--overwrite", *small)
+    assert second.returncode == 0, second.stderr
+    folder = out / "landscape"
+    files = json.loads((folder / "run.json").read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in folder.iterdir())  # exactly this run's files
+    assert "landscape_curve.png" in files and "landscape.h5" in files and "landscape_contour.png" not in files
+    assert grids(folder / "landscape.h5")[0].shape == (3,)
+
+
+def test_store_named_inside_the_output_folder_survives_the_commit(bb, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--result_file_attack", bb.record_dir, "--output_dir", out, "--surf_file", out / "landscape" / "mine.h5",
+             "--x=-1:1:3", "--visual_dataset", "bd_test", "--n_sub", "4", "--device", "cpu", "--quiet"]
+    assert landscape(*flags).returncode == 0
+    again = landscape(*flags)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / "landscape" / "summary.json").read_text())
+    assert summary["complete"] and summary["points_this_run"] == 0  # resumed, not started again
+
+
+def test_bad_data_leaves_no_store_and_no_folder(record_copy, tmp_path):
+    missing = next((record_copy / "bd_test_dataset").rglob("*.png"))
+    missing.unlink()
+    listed = sorted(record_copy.rglob("*"))
+    result = landscape("--result_file_attack", record_copy, "--x=-1:1:3", "--visual_dataset", "bd_test",
+                       "--device", "cpu", "--quiet")
+    assert result.returncode == 2 and "is missing" in result.stderr, result.stderr
+    assert sorted(record_copy.rglob("*")) == listed  # no visual/landscape/landscape.h5, no empty folder
+
+
+# --- diverged points are results ----------------------------------------------------------------
+
+def test_store_keeps_diverged_points_apart_from_missing_ones(tmp_path):
+    path = tmp_path / "landscape.h5"
+    direction = {"w": torch.ones(2, 2)}
+    store = LandscapeStore.create(path, {"splits": ["s"]}, np.linspace(-1, 1, 3), None, ["s"], direction, None)
+    store.put([0, 2], {"s": (np.array([np.nan, np.inf]), np.array([0.1, 0.0]))})
+    store.save()
+    again = LandscapeStore.open(path)
+    np.testing.assert_array_equal(again.missing(), [1])  # the NaN and inf points are not computed again
+    assert again.done() == 2 and again.diverged() == 2
+    # A store of the first format (no record of computed points: NaN meant missing) still opens.
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["format"] = "backdoor-lens-landscape-1"
+        del handle["computed"]
+    old = LandscapeStore.open(path)
+    np.testing.assert_array_equal(old.missing(), [0, 1])
+    assert old.diverged() == 1  # the inf loss
+
+
+def test_diverged_point_is_not_recomputed_on_resume(bb, reference, tmp_path):
+    out = tmp_path / "diverged"
+    shutil.copytree(reference, out / "landscape")
+    with h5py.File(out / "landscape" / "landscape.h5", "r+") as handle:
+        handle["bd_test/loss"][1, 3] = np.nan  # as if the network diverged at (-0.5, 0.5)
+    result = landscape("--result_file_attack", bb.record_dir, "--output_dir", out, *GRID)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "landscape" / "summary.json").read_text())
+    assert summary["points_this_run"] == 0 and summary["complete"]
+    assert summary["points_diverged"] == 1 and summary["splits"]["bd_test"]["diverged"] == 1
+    assert "25 of 25 points, 1 diverged" in result.stdout
+    rows = read_csv(out / "landscape" / "landscape_grid.csv")
+    assert [(r["x"], r["y"]) for r in rows if r["status"] == "diverged"] == [("-0.5", "0.5")]
+
+
+def test_defense_that_breaks_batchnorm_gives_a_diverged_point(record_copy, tmp_path):
+    """States direction to a defense whose BatchNorm variance is 3x the attack's: at a = -1 the
+    variance is 2v - 3v = -v < 0, the network is undefined there and the loss NaN."""
+    from tests.bb_fixture import write_defense
+
+    state = load_raw(record_copy / "attack_result.pt")["model"]
+    key = "layer1.0.bn1.running_var"
+    assert (state[key] > 1e-3).all()  # so that -v stays negative after BatchNorm's eps
+    defended = dict(state, **{key: 3 * state[key]})
+    defense = write_defense(record_copy / "defense" / "bn", defended)
+    out = tmp_path / "out"
+    result = landscape("--result_file_attack", record_copy, "--result_file_defense", defense, "--direction_to",
+                       "defense", "--x=-1:1:3", "--visual_dataset", "bd_test", "--n_sub", "6", "--device", "cpu",
+                       "--quiet", "--output_dir", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "landscape" / "summary.json").read_text())
+    assert summary["complete"] and summary["points_computed"] == 3 and summary["points_diverged"] == 1
+    rows = read_csv(out / "landscape" / "landscape_grid.csv")
+    assert [r["status"] for r in rows] == ["diverged", "computed", "computed"]
+    assert "3 of 3 points, 1 diverged" in result.stdout
+    assert (out / "landscape" / "landscape_curve.png").stat().st_size > 0

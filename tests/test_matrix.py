@@ -11,7 +11,7 @@ from tests.bb_fixture import RECORD_KINDS, make_record_kind
 from tests.matrix import SCRIPTS, run_cell
 
 # Analyses that cannot work without poisoned samples: they must refuse, with "needs", on clean records.
-NEEDS_POISON = {"visual_na", "visual_tac", "visual_quality"}
+NEEDS_POISON = {"visual_na", "visual_tac", "visual_quality", "visual_detect"}
 
 
 @pytest.fixture(scope="module")

@@ -146,8 +146,9 @@ def randomise_bn(bn, generator):
         bn.eps = 0.05  # large, so that forgetting eps would show
 
 
-class TinyPreAct(nn.Module):
-    """conv -> bn (a pair), a BN fed by a residual sum (no single conv), conv -> in-place ReLU -> bn."""
+class TinyGraph(nn.Module):
+    """Every way a conv can meet a BN: directly, through a residual sum, through an in-place ReLU;
+    a BN on a concatenation (no single conv reaches it); a conv that meets a pooling and the head first."""
 
     def __init__(self):
         super().__init__()
@@ -157,40 +158,51 @@ class TinyPreAct(nn.Module):
         self.bn_sum = nn.BatchNorm2d(6)
         self.conv_b = nn.Conv2d(6, 5, 1)
         self.bn_b = nn.BatchNorm2d(5)
-        self.head = nn.Linear(5, 4)
+        self.bn_cat = nn.BatchNorm2d(11)
+        self.conv_c = nn.Conv2d(11, 4, 1)
+        self.head = nn.Linear(4, 3)
 
     def forward(self, x):
         s = self.stem(x)
         out = self.conv(torch.relu(self.bn_a(s))) + s
         out = self.conv_b(torch.relu(self.bn_sum(out)))
-        out = self.bn_b(torch.relu_(out))  # in place: bn_b does not see conv_b's output
-        return self.head(out.mean((2, 3)))
+        out = self.bn_b(torch.relu_(out))
+        out = self.conv_c(self.bn_cat(torch.cat([out, s], 1)))
+        return self.head(nn.functional.avg_pool2d(out, 2).mean((2, 3)))
 
 
 def test_lipschitz_equals_svd_per_channel_and_follows_the_graph():
     torch.manual_seed(0)
-    model = TinyPreAct().eval()
+    model = TinyGraph().eval()
     generator = torch.Generator().manual_seed(1)
-    for bn in (model.bn_a, model.bn_sum, model.bn_b):
+    for bn in (model.bn_a, model.bn_sum, model.bn_b, model.bn_cat):
         randomise_bn(bn, generator)
     with torch.no_grad():
-        model.conv.weight[2] *= 8  # one outstanding channel
+        model.conv.weight[2] *= 8  # one outstanding channel, through a BN that does not hide it
+        model.bn_sum.weight[2] = model.bn_sum.weight.abs().max()
     units = {u.name: u for u in compute_channel_lipschitz(model, torch.zeros(1, 3, 8, 8), u=1.5)}
-    assert list(units) == ["bn_a", "conv", "bn_sum", "conv_b", "bn_b", "head"]
+    assert list(units) == ["stem", "conv", "conv_b", "bn_cat", "conv_c", "head"]
 
     def scale(bn):
         return (bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
 
-    assert units["bn_a"].kind == "conv+bn" and units["bn_a"].modules == "stem -> bn_a"
-    np.testing.assert_allclose(units["bn_a"].values, svd_per_channel(model.stem.weight) * scale(model.bn_a), rtol=1e-5)
-    assert units["conv"].kind == "conv"
-    np.testing.assert_allclose(units["conv"].values, svd_per_channel(model.conv.weight), rtol=1e-5)
-    assert units["bn_sum"].kind == "bn"
-    np.testing.assert_allclose(units["bn_sum"].values, scale(model.bn_sum), rtol=1e-5)
-    assert units["conv_b"].kind == "conv" and units["bn_b"].kind == "bn"  # the in-place ReLU breaks the pair
+    # The stem also reaches bn_sum through the sum; the first BN its output reaches is bn_a.
+    assert (units["stem"].kind, units["stem"].modules) == ("conv+bn", "stem -> bn_a")
+    np.testing.assert_allclose(units["stem"].values, svd_per_channel(model.stem.weight) * scale(model.bn_a), rtol=1e-5)
+    assert units["conv"].modules == "conv -> bn_sum (through a residual sum)"
+    np.testing.assert_allclose(units["conv"].values, svd_per_channel(model.conv.weight) * scale(model.bn_sum),
+                               rtol=1e-5)
+    assert units["conv_b"].modules == "conv_b -> bn_b (through a ReLU)"  # in place: the graph still leads there
+    np.testing.assert_allclose(units["conv_b"].values, svd_per_channel(model.conv_b.weight) * scale(model.bn_b),
+                               rtol=1e-5)
+    assert (units["bn_cat"].kind, units["bn_cat"].conv) == ("bn", "")
+    np.testing.assert_allclose(units["bn_cat"].values, scale(model.bn_cat), rtol=1e-5)
+    assert (units["conv_c"].kind, units["conv_c"].bn, units["conv_c"].modules) == \
+        ("conv", "", "raw kernel norm, reaches no BN")
+    np.testing.assert_allclose(units["conv_c"].values, svd_per_channel(model.conv_c.weight), rtol=1e-5)
     np.testing.assert_allclose(units["head"].values, np.linalg.norm(model.head.weight.detach().numpy(), axis=1),
                                rtol=1e-5)
-    values = units["conv"].values
+    values = svd_per_channel(model.conv.weight) * scale(model.bn_sum)
     assert units["conv"].threshold == pytest.approx(values.mean() + 1.5 * values.std(ddof=1))
     assert units["conv"].flagged.tolist() == [2]
 
@@ -202,17 +214,23 @@ def test_lips_script_on_bb(bb, script, tmp_path):
     rows = read_csv(tmp_path / "lips" / "lips_attack.csv")
     state = load_raw(bb.record_dir / "attack_result.pt")["model"]
     convs = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4]
-    norms = [k[:-len(".running_var")] for k in state if k.endswith(".running_var")]
-    # Every conv output channel once (alone or in its conv->BN pair), every BN fed by a sum, the linear rows.
-    sum_fed = [n for n in norms if n.endswith("bn1") and n != "layer1.0.bn1"]
-    assert len(rows) == sum(state[k].shape[0] for k in convs) + sum(state[f"{n}.weight"].shape[0] for n in sum_fed) + 10
-    pair = [r for r in rows if r["layer"] == "layer2.1.bn2"]
-    assert pair[0]["modules"] == "layer2.1.conv1 -> layer2.1.bn2"
-    expected = svd_per_channel(state["layer2.1.conv1.weight"]) * (
-        state["layer2.1.bn2.weight"].abs() / torch.sqrt(state["layer2.1.bn2.running_var"] + 1e-5)).double().numpy()
-    np.testing.assert_allclose([float(r["lips"]) for r in pair], expected, rtol=1e-5)
-    stem = [r for r in rows if r["layer"] == "layer1.0.bn1"]
-    assert stem[0]["modules"] == "conv1 -> layer1.0.bn1"
+    # Every conv output channel once, every linear row; every BN of a PreAct-ResNet is reached by a conv.
+    assert len(rows) == sum(state[k].shape[0] for k in convs) + 10
+    assert not [r for r in rows if r["kind"] == "bn"]
+
+    def bound(conv, bn):
+        return svd_per_channel(state[f"{conv}.weight"]) * (
+            state[f"{bn}.weight"].abs() / torch.sqrt(state[f"{bn}.running_var"] + 1e-5)).double().numpy()
+
+    for conv, bn in (("layer2.1.conv1", "layer2.1.bn2"), ("conv1", "layer1.0.bn1"),
+                     ("layer2.0.conv2", "layer2.1.bn1"), ("layer2.0.shortcut.0", "layer2.1.bn1")):
+        pair = [r for r in rows if r["layer"] == conv]
+        assert {(r["conv"], r["bn"]) for r in pair} == {(conv, bn)}
+        np.testing.assert_allclose([float(r["lips"]) for r in pair], bound(conv, bn), rtol=1e-5)
+    last = [r for r in rows if r["layer"] == "layer4.1.conv2"]
+    assert {(r["bn"], r["pairing"]) for r in last} == {("", "raw kernel norm, reaches no BN")}
+    np.testing.assert_allclose([float(r["lips"]) for r in last], svd_per_channel(state["layer4.1.conv2.weight"]),
+                               rtol=1e-5)
     flagged = read_csv(tmp_path / "lips" / "lips_flagged_attack.csv")
     assert len(flagged) == sum(r["above_threshold"] == "True" for r in rows)
     assert all(float(r["lips"]) > float(r["threshold"]) for r in flagged)

@@ -1,4 +1,6 @@
 """Every split, served from the record's arrays; n_sub/c_sub; clean twins."""
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,9 +49,36 @@ def test_bd_test_holds_only_poisoned_non_target(bb, parts):
     assert (s.original_labels != bb.target).all() and (s.labels == bb.target).all()
 
 
-def test_mixed_adds_pratio_of_poisoned(bb, parts):
-    s = split(parts, "mixed", pratio=0.25)
-    assert s.poison.sum() == round(0.25 * bb.n_test) and (~s.poison).sum() == bb.n_test
+def cifar_test_arrays(bb):
+    """The clean test set straight from the pickle, independent of utils.datasets."""
+    with open(bb.data_dir / "cifar-10-batches-py" / "test_batch", "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    return batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[b"labels"])
+
+
+def test_mixed_is_backdoorbench_s(bb, parts):
+    """BackdoorBench's generate_mix_dataset: the N clean test samples, int(N * pratio) of the non-target ones
+    (those with a poisoned version) replaced by it. 0.29 * 40 = 11.6: BackdoorBench truncates to 11."""
+    images, labels = cifar_test_arrays(bb)
+    s = split(parts, "mixed", pratio=0.29, seed=3, target=bb.target)
+    assert len(s) == bb.n_test and s.indices.tolist() == list(range(bb.n_test))  # no twins side by side
+    assert s.poison.sum() == 11
+    poisoned = np.flatnonzero(s.poison)
+    assert set(poisoned) <= set(bb.test_poison) and (labels[poisoned] != bb.target).all()
+    assert (s.labels[poisoned] == bb.target).all() and (s.original_labels == labels).all()
+    assert (s.labels[~s.poison] == labels[~s.poison]).all()
+    twin = s.clean_twin()
+    for i in range(bb.n_test):
+        assert np.array_equal(twin.image_uint8(i), images[i])
+        if s.poison[i]:
+            png = bb.record_dir / "bd_test_dataset" / str(labels[i]) / f"{i}.png"
+            assert np.array_equal(s.image_uint8(i), np.asarray(Image.open(png)))
+        else:
+            assert np.array_equal(s.image_uint8(i), images[i])
+    assert np.flatnonzero(split(parts, "mixed", pratio=0.29, seed=3).poison).tolist() == poisoned.tolist()
+    assert np.flatnonzero(split(parts, "mixed", pratio=0.29, seed=4).poison).tolist() != poisoned.tolist()
+    with pytest.raises(UserError, match=f"only {len(bb.test_poison)} non-target"):
+        split(parts, "mixed", pratio=1.0)
 
 
 def test_n_sub_is_stratified_and_c_sub_keeps_target(bb, parts):

@@ -3,16 +3,21 @@
 `compute_cam(model, layer, x, targets, method)` -> N x H x W (the grad-cam package, which
 min-max scales each map to [0, 1]). `Attributor(model, ...).attribute(method, x, targets)` ->
 N x C x H x W (pixel methods) or N x 1 x H x W (gradcam, upsampled), in model-input space.
+Each Captum method is one small `Explainer` (name + explain) in the `METHODS` registry; the
+perturbation methods (feature ablation and permutation, Shapley value sampling, LIME, KernelSHAP)
+act on a grid of superpixels (`superpixel_mask`).
 
-Guided backprop, DeepLift and LRP act on ReLU *modules*: they replace a ReLU module's backward
-pass. Our PreAct-ResNet-18 (like BackdoorBench's) calls `F.relu` in `forward`, which those hooks
-never see: guided backprop would silently return the plain gradient and DeepLift the
-gradient x (input - baseline) of a network it treats as linear. So those three run on a copy of
-the model traced with torch.fx, in which every relu (functional, method, or module, in place or
-not, reused or not) is its own non-in-place `nn.ReLU`, and in-place additions (torchvision's
-`out += identity`) are plain additions. The copy computes exactly the same function (tested).
-When a model cannot be traced, they run on the original with a printed note.
+Guided backprop, deconvolution, guided Grad-CAM, DeepLift, DeepLiftSHAP and LRP act on ReLU
+*modules*: they replace a ReLU module's backward pass. Our PreAct-ResNet-18 (like BackdoorBench's)
+calls `F.relu` in `forward`, which those hooks never see: guided backprop would silently return
+the plain gradient and DeepLift the gradient x (input - baseline) of a network it treats as
+linear. So those methods run on a copy of the model traced with torch.fx, in which every relu
+(functional, method, or module, in place or not, reused or not) is its own non-in-place
+`nn.ReLU`, and in-place additions (torchvision's `out += identity`) are plain additions. The copy
+computes exactly the same function (tested). When a model cannot be traced, they run on the
+original with a printed note.
 """
+import abc
 import contextlib
 import copy
 import io
@@ -99,41 +104,96 @@ def with_relu_modules(model: nn.Module) -> tuple[nn.Module, str | None]:
 # --- Captum methods ----------------------------------------------------------------------------
 @dataclass
 class Options:
-    layer_name: str | None = None  # for gradcam
+    layer_name: str | None = None  # for gradcam and guided_gradcam
     baseline: torch.Tensor | None = None  # 1 x C x H x W model input: IG and DeepLift start here
-    smooth_samples: int = 16
+    # GradientSHAP and DeepLiftSHAP draw their baselines from the baseline and background_size - 1
+    # seeded copies of it plus N(0, 1) noise: the data's scale, as model input is normalised
+    background_size: int = 8
+    smooth_samples: int = 16  # SmoothGrad's noisy copies and GradientSHAP's samples per image
     smooth_noise: float = 0.15  # SmoothGrad's sigma as a share of the input's value range
     ig_steps: int = 32
     occlusion_window: int | None = None  # default: an eighth of the image side (at least 2)
     occlusion_stride: int | None = None  # default: 1
+    superpixel: int | None = None  # cell side of the perturbation methods' features; default: image side / 8
+    perturbation_samples: int = 200  # KernelSHAP's and LIME's coalitions per image
+    shapley_permutations: int = 4  # Shapley value sampling's feature orders per image
     batch_size: int = 64
+    seed: int = 0  # the sampling methods draw from torch's generator, seeded with this for every call
 
 
 class Skipped(Exception):
-    """A method that this model's layers do not allow; the message says why."""
+    """A method that this model's layers (or this batch) do not allow; the message says why."""
 
 
 def _baseline(x, opts):
     return torch.zeros_like(x) if opts.baseline is None else opts.baseline.to(x.device).expand_as(x)
 
 
-def _saliency(a, x, t, opts):
-    from captum.attr import Saliency
-    return Saliency(a.model).attribute(x, target=t, abs=True)
+def _background(x, opts):
+    base = _baseline(x[:1], opts)
+    noise = torch.randn((max(2, opts.background_size) - 1,) + tuple(x.shape[1:]),
+                        generator=torch.Generator().manual_seed(opts.seed)).to(x.device)
+    return torch.cat([base, base + noise])
 
 
-def _smoothgrad(a, x, t, opts):
-    from captum.attr import NoiseTunnel, Saliency
-    sigma = opts.smooth_noise * float(x.max() - x.min())
-    return NoiseTunnel(Saliency(a.model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=opts.smooth_samples, stdevs=sigma, target=t, abs=True,
-        nt_samples_batch_size=max(1, opts.batch_size // max(1, len(x))))
+def _per_eval(x, opts) -> int:
+    """Perturbed copies per forward pass, so that a pass holds about batch_size images."""
+    return max(1, opts.batch_size // max(1, len(x)))
 
 
-def _integrated_gradients(a, x, t, opts):
-    from captum.attr import IntegratedGradients
-    return IntegratedGradients(a.model).attribute(x, baselines=_baseline(x, opts), target=t, n_steps=opts.ig_steps,
-                                                  internal_batch_size=opts.batch_size)
+def superpixel_side(size, opts) -> int:
+    return opts.superpixel or max(1, round(min(size) / 8))
+
+
+def superpixel_mask(size, side: int) -> torch.Tensor:
+    """H x W feature ids of a regular grid of side x side cells, row by row (the last row and column
+    of cells may be narrower). A grid, not SLIC superpixels: SLIC would need scikit-image, which is
+    not a dependency, and on 32 x 32 images a 4 x 4 grid (64 features) already holds a BadNets
+    patch in one or a few cells."""
+    h, w = size
+    rows = torch.arange(h) // side
+    cols = torch.arange(w) // side
+    return rows[:, None] * int((w + side - 1) // side) + cols[None, :]
+
+
+class Explainer(abc.ABC):
+    """One attribution method. `explain(attributor, x, t, opts)` explains class t[i] of input x[i]
+    (model-input space, requires grad) and returns N x C x H x W (Grad-CAM: N x 1 x H x W).
+    Rule-based methods run on `attributor.relu_model()` (see the module doc)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def explain(self, attributor, x: torch.Tensor, t: torch.Tensor, opts: Options) -> torch.Tensor:
+        ...
+
+
+class Saliency(Explainer):
+    name = "saliency"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import Saliency as CaptumSaliency
+        return CaptumSaliency(attributor.model).attribute(x, target=t, abs=True)
+
+
+class SmoothGrad(Explainer):
+    name = "smoothgrad"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import NoiseTunnel, Saliency as CaptumSaliency
+        sigma = opts.smooth_noise * float(x.max() - x.min())
+        return NoiseTunnel(CaptumSaliency(attributor.model)).attribute(
+            x, nt_type="smoothgrad", nt_samples=opts.smooth_samples, stdevs=sigma, target=t, abs=True,
+            nt_samples_batch_size=_per_eval(x, opts))
+
+
+class IntegratedGradients(Explainer):
+    name = "integrated_gradients"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import IntegratedGradients as CaptumIG
+        return CaptumIG(attributor.model).attribute(x, baselines=_baseline(x, opts), target=t, n_steps=opts.ig_steps,
+                                                    internal_batch_size=opts.batch_size)
 
 
 def occlusion_geometry(size, opts) -> tuple[int, int]:
@@ -145,84 +205,225 @@ def occlusion_geometry(size, opts) -> tuple[int, int]:
     return window, stride
 
 
-def _occlusion(a, x, t, opts):
-    from captum.attr import Occlusion
-    window, stride = occlusion_geometry(x.shape[-2:], opts)
-    channels = x.shape[1]
-    # baseline 0 in model-input space: the dataset's mean colour
-    return Occlusion(a.model).attribute(x, sliding_window_shapes=(channels, window, window),
-                                        strides=(channels, stride, stride), baselines=0.0, target=t,
-                                        perturbations_per_eval=max(1, opts.batch_size // max(1, len(x))))
+class Occlusion(Explainer):
+    name = "occlusion"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import Occlusion as CaptumOcclusion
+        window, stride = occlusion_geometry(x.shape[-2:], opts)
+        channels = x.shape[1]
+        # baseline 0 in model-input space: the dataset's mean colour
+        return CaptumOcclusion(attributor.model).attribute(
+            x, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride), baselines=0.0,
+            target=t, perturbations_per_eval=_per_eval(x, opts))
 
 
-def _guided_backprop(a, x, t, opts):
-    from captum.attr import GuidedBackprop
-    return GuidedBackprop(a.relu_model()).attribute(x, target=t)
+class GuidedBackprop(Explainer):
+    name = "guided_backprop"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import GuidedBackprop as CaptumGuidedBackprop
+        return CaptumGuidedBackprop(attributor.relu_model()).attribute(x, target=t)
 
 
-def _deeplift(a, x, t, opts):
-    from captum.attr import DeepLift
-    return DeepLift(a.relu_model()).attribute(x, baselines=_baseline(x, opts), target=t)
+class Deconvolution(Explainer):
+    name = "deconvolution"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import Deconvolution as CaptumDeconvolution
+        return CaptumDeconvolution(attributor.relu_model()).attribute(x, target=t)
 
 
-def _input_x_gradient(a, x, t, opts):
-    from captum.attr import InputXGradient
-    return InputXGradient(a.model).attribute(x, target=t)
+class DeepLift(Explainer):
+    name = "deeplift"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import DeepLift as CaptumDeepLift
+        return CaptumDeepLift(attributor.relu_model()).attribute(x, baselines=_baseline(x, opts), target=t)
 
 
-def _gradcam(a, x, t, opts):
-    from captum.attr import LayerAttribution, LayerGradCam
-    if not opts.layer_name:
-        raise Skipped("gradcam needs a layer")
-    cam = LayerGradCam(a.model, get_layer(a.model, opts.layer_name)).attribute(x, target=t, relu_attributions=True)
-    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+class DeepLiftShap(Explainer):
+    """DeepLift averaged over the background's baselines (each image against every one)."""
+    name = "deeplift_shap"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import DeepLiftShap as CaptumDeepLiftShap
+        return CaptumDeepLiftShap(attributor.relu_model()).attribute(x, baselines=_background(x, opts), target=t)
+
+
+class GradientShap(Explainer):
+    """Expected gradients: gradient x (input - baseline) at random points between the input and
+    baselines drawn from the background, smooth_samples per image."""
+    name = "gradient_shap"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import GradientShap as CaptumGradientShap
+        return CaptumGradientShap(attributor.model).attribute(x, baselines=_background(x, opts), target=t,
+                                                              n_samples=opts.smooth_samples)
+
+
+class InputXGradient(Explainer):
+    name = "input_x_gradient"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import InputXGradient as CaptumInputXGradient
+        return CaptumInputXGradient(attributor.model).attribute(x, target=t)
+
+
+class GradCam(Explainer):
+    name = "gradcam"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import LayerAttribution, LayerGradCam
+        if not opts.layer_name:
+            raise Skipped("gradcam needs a layer")
+        layer = get_layer(attributor.model, opts.layer_name)
+        cam = LayerGradCam(attributor.model, layer).attribute(x, target=t, relu_attributions=True)
+        return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+
+class GuidedGradCam(Explainer):
+    """Guided backprop times the layer's Grad-CAM upsampled to the input."""
+    name = "guided_gradcam"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import GuidedGradCam as CaptumGuidedGradCam
+        if not opts.layer_name:
+            raise Skipped("guided_gradcam needs a layer")
+        model = attributor.relu_model()
+        return CaptumGuidedGradCam(model, get_layer(model, opts.layer_name)).attribute(
+            x, target=t, interpolate_mode="bilinear")
 
 
 LRP_EPSILON = 0.25
 
 
-def _lrp(a, x, t, opts):
+class Lrp(Explainer):
     """LRP-epsilon (epsilon 0.25) on convolutions, linear and pooling layers; BatchNorm passes relevance
     through unchanged. Captum's default (epsilon 1e-9 everywhere, BatchNorm included) divides by
     near-zero pre-activations in residual networks: on the demo PreAct-ResNet-18 its relevance summed
     to 1e7..1e11 for logits of 20..35. A result whose relevance is not conserved within a factor of
     10 of the explained logit is refused (Skipped) rather than shown."""
-    from captum.attr import LRP
-    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
-    model = a.relu_model()
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            module.rule = IdentityRule()
-        elif isinstance(module, (nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
-            module.rule = EpsilonRule(epsilon=LRP_EPSILON)
-    try:
-        relevance = LRP(model).attribute(x, target=t)
-    except TypeError as error:  # captum: "Module of type X has no rule defined ..."
-        raise Skipped(f"LRP has no rule for a layer of this model ({str(error).split(' has no rule')[0]})") from None
-    finally:
+    name = "lrp"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import LRP
+        from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+        model = attributor.relu_model()
         for module in model.modules():
-            if hasattr(module, "rule"):
-                del module.rule
-    with torch.no_grad():
-        logit = model(x.detach()).gather(1, t[:, None])[:, 0].abs()
-    total = relevance.detach().flatten(1).sum(1).abs()
-    if not torch.isfinite(total).all() or ((total > 10 * logit + 1) | (total < logit / 10 - 1)).any():
-        raise Skipped(f"LRP relevance is not conserved on this model (sums {total.min().item():.3g}.."
-                      f"{total.max().item():.3g} for logits {logit.min().item():.3g}..{logit.max().item():.3g})")
-    return relevance
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.rule = IdentityRule()
+            elif isinstance(module, (nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)):
+                module.rule = EpsilonRule(epsilon=LRP_EPSILON)
+        try:
+            relevance = LRP(model).attribute(x, target=t)
+        except TypeError as error:  # captum: "Module of type X has no rule defined ..."
+            raise Skipped(f"LRP has no rule for a layer of this model ({str(error).split(' has no rule')[0]})") from None
+        finally:
+            for module in model.modules():
+                if hasattr(module, "rule"):
+                    del module.rule
+        with torch.no_grad():
+            logit = model(x.detach()).gather(1, t[:, None])[:, 0].abs()
+        total = relevance.detach().flatten(1).sum(1).abs()
+        if not torch.isfinite(total).all() or ((total > 10 * logit + 1) | (total < logit / 10 - 1)).any():
+            raise Skipped(f"LRP relevance is not conserved on this model (sums {total.min().item():.3g}.."
+                          f"{total.max().item():.3g} for logits {logit.min().item():.3g}..{logit.max().item():.3g})")
+        return relevance
 
 
-METHODS = {"saliency": _saliency, "smoothgrad": _smoothgrad, "integrated_gradients": _integrated_gradients,
-           "occlusion": _occlusion, "guided_backprop": _guided_backprop, "deeplift": _deeplift,
-           "input_x_gradient": _input_x_gradient, "gradcam": _gradcam, "lrp": _lrp}
-NEEDS_RELU_MODULES = ("guided_backprop", "deeplift", "lrp")
+# Perturbation methods switch superpixels (grid cells, all channels together) between the image and
+# the baseline 0 in model-input space, the dataset's mean colour (as occlusion does): one model
+# evaluation per coalition instead of one per pixel, so they finish at the suite's image counts.
+def _feature_mask(x, opts) -> torch.Tensor:
+    side = superpixel_side(x.shape[-2:], opts)
+    return superpixel_mask(tuple(x.shape[-2:]), side).to(x.device).expand(1, x.shape[1], -1, -1).contiguous()
+
+
+class FeatureAblation(Explainer):
+    """Score drop when one superpixel is replaced by the baseline."""
+    name = "feature_ablation"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import FeatureAblation as CaptumFeatureAblation
+        return CaptumFeatureAblation(attributor.model).attribute(
+            x, baselines=0.0, target=t, feature_mask=_feature_mask(x, opts), perturbations_per_eval=_per_eval(x, opts))
+
+
+class FeaturePermutation(Explainer):
+    """Score drop when one superpixel is exchanged between the images of the batch (a random
+    permutation): a trigger that sits in the same place in every image is exchanged for itself,
+    so this method sees it only where the batch mixes triggered and clean images."""
+    name = "feature_permutation"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import FeaturePermutation as CaptumFeaturePermutation
+        if len(x) < 2:
+            raise Skipped("feature_permutation exchanges features between images and needs at least two")
+        return CaptumFeaturePermutation(attributor.model).attribute(
+            x, target=t, feature_mask=_feature_mask(x, opts), perturbations_per_eval=_per_eval(x, opts))
+
+
+class ShapleyValueSampling(Explainer):
+    """Shapley values of the superpixels, averaged over shapley_permutations random orders."""
+    name = "shapley_value_sampling"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import ShapleyValueSampling as CaptumShapleyValueSampling
+        return CaptumShapleyValueSampling(attributor.model).attribute(
+            x, baselines=0.0, target=t, feature_mask=_feature_mask(x, opts), n_samples=opts.shapley_permutations,
+            perturbations_per_eval=_per_eval(x, opts))
+
+
+class Lime(Explainer):
+    """A sparse linear model (Captum's default, Lasso) of the score on perturbation_samples random
+    superpixel coalitions per image, weighted by their similarity to the image."""
+    name = "lime"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import Lime as CaptumLime
+        return CaptumLime(attributor.model).attribute(
+            x, baselines=0.0, target=t, feature_mask=_feature_mask(x, opts), n_samples=opts.perturbation_samples,
+            perturbations_per_eval=opts.batch_size)
+
+
+class KernelShap(Explainer):
+    """Shapley values of the superpixels from a linear model fitted on perturbation_samples coalitions
+    per image with the Shapley kernel's weights."""
+    name = "kernel_shap"
+
+    def explain(self, attributor, x, t, opts):
+        from captum.attr import KernelShap as CaptumKernelShap
+        return CaptumKernelShap(attributor.model).attribute(
+            x, baselines=0.0, target=t, feature_mask=_feature_mask(x, opts), n_samples=opts.perturbation_samples,
+            perturbations_per_eval=opts.batch_size)
+
+
+EXPLAINERS = (Saliency(), SmoothGrad(), IntegratedGradients(), Occlusion(), GuidedBackprop(), DeepLift(),
+              InputXGradient(), GradCam(), Lrp(), DeepLiftShap(), GradientShap(), Deconvolution(), GuidedGradCam(),
+              FeatureAblation(), FeaturePermutation(), ShapleyValueSampling(), Lime(), KernelShap())
+METHODS = {explainer.name: explainer for explainer in EXPLAINERS}
+DEFAULT_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "occlusion", "guided_backprop", "deeplift",
+                   "input_x_gradient", "gradcam", "lrp")
+# Casper et al. scored "16 feature attribution methods from Captum": Captum's primary attribution
+# algorithms, which are exactly these 16 (NoiseTunnel's SmoothGrad is a wrapper, LayerGradCam a
+# layer method).
+CASPER_METHODS = ("integrated_gradients", "saliency", "deeplift", "deeplift_shap", "gradient_shap", "input_x_gradient",
+                  "guided_backprop", "guided_gradcam", "deconvolution", "feature_ablation", "occlusion",
+                  "feature_permutation", "shapley_value_sampling", "lime", "kernel_shap", "lrp")
+METHOD_SETS = {"casper": CASPER_METHODS}
 
 
 def parse_methods(text: str) -> list[str]:
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    """Comma-separated method names and set names (`casper`) -> method names, in order, once each."""
+    names = []
+    for name in (n.strip() for n in str(text).split(",")):
+        if name:
+            names += METHOD_SETS.get(name, (name,))
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise UserError(f"unknown --methods {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown --methods {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(METHODS)}, or {', '.join(METHOD_SETS)} for Casper et al.'s set")
     return list(dict.fromkeys(names))
 
 
@@ -239,8 +440,9 @@ class Attributor:
         if self._relu_model is None:
             self._relu_model, why = with_relu_modules(self.model)
             if why:
-                self.notes.append(f"the model could not be traced ({why}); guided backprop, DeepLift and LRP "
-                                  f"see only its ReLU modules, not functional relu calls")
+                self.notes.append(f"the model could not be traced ({why}); the rule-based methods (guided backprop, "
+                                  f"deconvolution, guided Grad-CAM, DeepLift, DeepLiftSHAP, LRP) see only its ReLU "
+                                  f"modules, not functional relu calls")
         return self._relu_model
 
     def attribute(self, method: str, x: torch.Tensor, targets) -> torch.Tensor:
@@ -250,10 +452,12 @@ class Attributor:
         device = next(self.model.parameters()).device
         x = x.to(device).detach().requires_grad_(True)
         t = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)
-        with warnings.catch_warnings():
-            # captum announces the hooks it sets on ReLU modules, and that inputs need gradients
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            # captum announces the hooks it sets on ReLU modules, that inputs need gradients, and that
+            # LIME and KernelSHAP fit one model per image of a batch
             warnings.simplefilter("ignore", UserWarning)
-            out = METHODS[method](self, x, t, self.options)
+            torch.manual_seed(self.options.seed)
+            out = METHODS[method].explain(self, x, t, self.options)
         self.model.zero_grad(set_to_none=True)
         return out.detach()
 

@@ -1,6 +1,7 @@
 """What every script starts from: the record, the model(s) on the device, the split, the output folder."""
 import argparse
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Context:
     split: Split | None = None
     started: float = field(default_factory=time.time)
     _class_names: tuple | None = None
+    _previous_sigterm: tuple | None = None  # (handler,) while this context handles SIGTERM
 
     # --- models and layers -------------------------------------------------------------------
     @property
@@ -109,7 +111,7 @@ class Context:
             "arguments": {k: v for k, v in vars(self.args).items()},
             "versions": versions(),
             "summary": summary,
-            "files": list(self.out.written),
+            "files": self.out.files + ["run.json"],
         }
         self.out.save_json("run", record)
         summary = dict(summary)
@@ -117,11 +119,26 @@ class Context:
         return summary
 
     def __enter__(self):
+        # SIGTERM (kill, mpirun, a scheduler) raises like Ctrl-C, so that leaving the block cleans up.
+        try:
+            self._previous_sigterm = (signal.signal(signal.SIGTERM, _terminate),)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            self._previous_sigterm = None
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm[0] or signal.SIG_DFL)
         self.out.discard()
         return False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: handled as an interrupt (outputs discarded, a landscape store saved)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def versions() -> dict:
@@ -175,10 +192,14 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
                                mean=info.mean, std=info.std)
     if args.output_dir:
         final = Path(args.output_dir).expanduser() / method
+        hint = "pass --output_dir a folder you can write to"
     else:
         final = (defense.path if defense else record.path) / "visual" / method
+        hint = "pass --output_dir DIR to write the outputs elsewhere"
+    # Checked here, before any work; it creates nothing until the run writes its first file.
+    out = OutputDir(final, pdf=args.pdf, hint=hint)
     ctx = Context(args=args, method=method, record=record, defense=defense, device=dev, models=models, info=info,
-                  transform=transform, out=None)
+                  transform=transform, out=out)
     if split is not None:
         name = getattr(args, split)
         if needs_poison and name not in POISONED_SPLITS:
@@ -187,6 +208,4 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
         ctx.split = ctx.get_split(name, n_sub=args.n_sub, c_sub=args.c_sub)
         if needs_poison and not ctx.split.poison.any():
             raise UserError(f"{method} needs poisoned samples; split {name} has none after filtering")
-    # Created last, so that a refusal above leaves no folder behind.
-    ctx.out = OutputDir(final, pdf=args.pdf)
     return ctx

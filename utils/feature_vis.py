@@ -98,7 +98,9 @@ class FeatureVisResult:
 
 def _objective_values(model, layer_module, objectives, x):
     captured = {}
-    handle = layer_module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o)) \
+    # clone: an in-place op after the layer (torchvision's BN -> ReLU(inplace=True)) would otherwise
+    # overwrite the captured output, and we would maximise ReLU(BN) instead of the BN (clone keeps the graph).
+    handle = layer_module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o.clone())) \
         if layer_module is not None else None
     try:
         logits = model(x)

@@ -15,30 +15,40 @@ from .layers import get_layer
 
 
 class FeatureHooks:
-    """Forward hooks on named modules; `outputs[name]` holds the last batch's output.
+    """Forward hooks on named modules; `outputs[name]` holds what the module returned for the last batch.
 
-    With `reduce(name, output)`, each output is reduced as soon as it is produced (per-channel
-    sums, scores) and only the reduction is kept, so the full activation never stays in memory.
+    The output is copied inside the hook: a later in-place operation of the forward (torchvision's
+    `ReLU(inplace=True)` after a BatchNorm, a residual `out += identity`) would otherwise overwrite
+    the stored tensor before it is read. With `reduce(name, output)`, each output is reduced as soon
+    as it is produced (per-channel sums, scores), before any later operation, and only the reduction
+    is kept, so the full activation never stays in memory.
+
+    A module that runs more than once per forward pass (torchvision's ResNet block applies its one
+    `relu` twice) has no single output: hooking it is refused rather than mixing its calls.
     """
 
-    def __init__(self, model: torch.nn.Module, names, use_input: bool = False, reduce=None):
+    def __init__(self, model: torch.nn.Module, names, reduce=None):
         self.names = list(names)
         self.outputs: dict = {}
-        self._handles = []
+        self._fired: set = set()
+        self._handles = [model.register_forward_pre_hook(lambda module, inputs: self._fired.clear())]
         for name in self.names:
             module = get_layer(model, name)
-            self._handles.append(module.register_forward_hook(self._hook(name, use_input, reduce)))
+            self._handles.append(module.register_forward_hook(self._hook(name, reduce)))
 
-    def _hook(self, name, use_input, reduce):
+    def _hook(self, name, reduce):
         def hook(module, inputs, output):
-            value = inputs[0] if use_input else output
+            if name in self._fired:
+                raise UserError(f"layer {name!r} runs more than once in one forward pass (a module used twice), "
+                                f"so it has no single output; choose another layer")
+            self._fired.add(name)
             if reduce is None:
-                self.outputs[name] = value
+                self.outputs[name] = output.detach().clone() if torch.is_tensor(output) else output
                 return
-            if not torch.is_tensor(value):
-                raise UserError(f"layer {name!r} returns {type(value).__name__}, not a tensor; "
+            if not torch.is_tensor(output):
+                raise UserError(f"layer {name!r} returns {type(output).__name__}, not a tensor; "
                                 f"choose a Conv, BatchNorm or Linear layer")
-            self.outputs[name] = reduce(name, value)
+            self.outputs[name] = reduce(name, output)
         return hook
 
     def remove(self):
@@ -53,10 +63,10 @@ class FeatureHooks:
         self.remove()
 
 
-def iterate(model, loader, names, device, desc="features", use_input=False):
+def iterate(model, loader, names, device, desc="features"):
     """Yield (batch, {layer: output}) for every batch of one pass, under inference_mode."""
     model.eval()
-    with FeatureHooks(model, names, use_input) as hooks, torch.inference_mode():
+    with FeatureHooks(model, names) as hooks, torch.inference_mode():
         for batch in progress(loader, desc):
             x = batch[0].to(device, non_blocking=True)
             logits = model(x)

@@ -11,25 +11,38 @@ a = resize(sum_c |A_c|) (bilinear to the image size). Against a footprint M (|M|
 - share    = sum_{p in M} a_p / sum_p a_p                  (mass inside the footprint)
 - pointing = |argmax(a) & M| / |argmax(a)|                  (pointing game; argmax is the set of
              maximal pixels, so ties count as the expected hit of a random tie-break)
-- iou      = |T_k & M| / |T_k | M|, T_k = {p : a_p >= k-th largest value of a}
-             (top-k pixels, ties at the threshold included), k = |M| or `topk_percent` of N.
+- iou      = I / (k + |M| - I), the IoU of the top-k pixels with M, k = |M| or `topk_percent`
+             of N. Ties at the k-th largest value are broken at random, in expectation: every
+             pixel above it counts fully, and each of the t pixels tied at it gets credit
+             (k - #above) / t, so I = |above & M| + (k - #above) |tied & M| / t is the expected
+             number of top-k pixels inside M. A map is scored by its support: one with fewer than
+             k non-zero pixels, all in M, scores as it would with its zeros ranked at random.
 - peak_distance = mean over the maximal pixels of their Euclidean distance (pixels) to the
              nearest footprint pixel (0 inside): how far off a map points when it misses.
+- correlation = Pearson correlation over the pixels of a with M (as 0/1): Casper et al.'s final
+             score. A constant map has no correlation with anything: it scores 0.
+- l1       = mean over the pixels of |a' - M|, a' = a min-max scaled to [0, 1] (a constant map
+             scales to 0): Casper et al.'s first score, the L1 distance to the footprint, divided
+             by N so that image sizes compare. Lower is better; an all-zero map scores |M| / N.
 
-A blank (uniform) map scores |M| / N on the first three, the chance level; a map equal to M scores 1.
-Ties count against a map on purpose: a map that cannot rank pixels earns nothing beyond chance.
-An all-zero map is treated as blank. A sample whose footprint is empty gets NaN scores.
+Baselines, scored on the same footprints: a blank (uniform) map, a seeded random map, and, given
+the images, an edge detector (Sobel magnitude of the image, see `edge_map`). The blank map ranks
+no pixel above another, so it scores what a random ranking scores: |M| / N on share and pointing,
+k|M|/N / (k + |M| - k|M|/N) on IoU (the chance level of IoU, below |M| / N), 0 on correlation and
+|M| / N on l1. A map equal to M scores 1 (0 on l1). An all-zero map is treated as blank. A sample
+whose footprint is empty gets NaN scores.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import correlate1d, distance_transform_edt
 
 DEFAULT_TOLERANCE = 1.5 / 255
-SCORES = ("share", "pointing", "iou", "peak_distance")
-BASELINES = ("blank", "random")
+SCORES = ("share", "pointing", "iou", "peak_distance", "correlation", "l1")
+LOWER_IS_BETTER = ("peak_distance", "l1")
+BASELINES = ("blank", "random", "edge")
 WHOLE_IMAGE = 0.5  # footprints at least this share of the image are not localisable
 
 
@@ -103,6 +116,25 @@ def random_map(size, rng: np.random.Generator) -> np.ndarray:
     return rng.random(tuple(size))
 
 
+def edge_map(image) -> np.ndarray:
+    """The edge-detector baseline: Sobel gradient magnitude of a (N x) C x H x W image in pixel space,
+    sqrt(Gx^2 + Gy^2) per channel (borders replicated) summed over channels -> (N x) H x W.
+
+    Gx correlates each channel with [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], Gy with its transpose; a
+    trigger with sharp borders (a patch) lights up here without any model, which is what makes it
+    a baseline an attribution method must beat.
+    """
+    image = np.asarray(torch.as_tensor(image).detach().cpu().double())
+    if image.ndim not in (3, 4):
+        raise ValueError(f"an image has 3 (C x H x W) or 4 (N x C x H x W) dimensions, not {image.ndim}")
+    # derivative along one spatial axis, smoothing along the other only (scipy's `sobel` would also
+    # smooth across channels and images)
+    derivative, smoothing = [-1.0, 0.0, 1.0], [1.0, 2.0, 1.0]
+    gx = correlate1d(correlate1d(image, derivative, axis=-1, mode="nearest"), smoothing, axis=-2, mode="nearest")
+    gy = correlate1d(correlate1d(image, derivative, axis=-2, mode="nearest"), smoothing, axis=-1, mode="nearest")
+    return np.hypot(gx, gy).sum(axis=-3)
+
+
 # --- scores ----------------------------------------------------------------------------------
 @dataclass
 class Localisation:
@@ -110,20 +142,50 @@ class Localisation:
     pointing: float
     iou: float
     peak_distance: float
+    correlation: float
+    l1: float
     k: int  # pixels in the top-k set asked for
     footprint_pixels: int
-    footprint_share: float  # |M| / N: the blank map's score, the chance level
+    footprint_share: float  # |M| / N: the blank map's share and pointing, the chance level
 
     def as_dict(self) -> dict:
         return {"share": self.share, "pointing": self.pointing, "iou": self.iou,
-                "peak_distance": self.peak_distance, "k": self.k,
-                "footprint_pixels": self.footprint_pixels, "footprint_share": self.footprint_share}
+                "peak_distance": self.peak_distance, "correlation": self.correlation, "l1": self.l1,
+                "k": self.k, "footprint_pixels": self.footprint_pixels, "footprint_share": self.footprint_share}
 
 
 def topk_count(mask: np.ndarray, topk_percent: float | None) -> int:
     if topk_percent is None:
         return int(mask.sum())
     return max(1, int(round(topk_percent / 100.0 * mask.size)))
+
+
+def expected_topk_inside(a: np.ndarray, mask: np.ndarray, k: int) -> float:
+    """Expected number of the k largest pixels of `a` inside `mask` when the pixels tied at the k-th
+    largest value are drawn at random: each of them gets credit (k - #above) / #tied."""
+    flat = a.ravel()
+    threshold = np.partition(flat, flat.size - k)[flat.size - k]
+    above = a > threshold
+    tied = a == threshold
+    places_left = k - int(above.sum())
+    return float((above & mask).sum() + places_left * (tied & mask).sum() / tied.sum())
+
+
+def correlation(a: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of a map with a 0/1 footprint over the pixels; 0 when either is constant."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    m = np.asarray(mask, dtype=np.float64).ravel()
+    a, m = a - a.mean(), m - m.mean()
+    norm = np.sqrt((a * a).sum() * (m * m).sum())
+    return float((a * m).sum() / norm) if norm > 0 else 0.0
+
+
+def l1_distance(a: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |a' - M| over the pixels, a' = a min-max scaled to [0, 1] (a constant map: 0)."""
+    a = np.asarray(a, dtype=np.float64)
+    span = a.max() - a.min()
+    scaled = (a - a.min()) / span if span > 0 else np.zeros_like(a)
+    return float(np.abs(scaled - mask).mean())
 
 
 def localisation(attribution_map: np.ndarray, mask: np.ndarray, topk_percent: float | None = None) -> Localisation:
@@ -135,7 +197,8 @@ def localisation(attribution_map: np.ndarray, mask: np.ndarray, topk_percent: fl
     area = int(mask.sum())
     k = topk_count(mask, topk_percent)
     if area == 0:
-        return Localisation(float("nan"), float("nan"), float("nan"), float("nan"), k, 0, 0.0)
+        nan = float("nan")
+        return Localisation(nan, nan, nan, nan, nan, nan, k, 0, 0.0)
     if not np.isfinite(a).all():
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
     a = np.abs(a)
@@ -145,24 +208,29 @@ def localisation(attribution_map: np.ndarray, mask: np.ndarray, topk_percent: fl
     share = float(a[mask].sum() / total)
     peak = a == a.max()
     pointing = float((peak & mask).sum() / peak.sum())
-    threshold = np.partition(a.ravel(), a.size - k)[a.size - k]
-    top = a >= threshold
-    iou = float((top & mask).sum() / (top | mask).sum())
+    inside = expected_topk_inside(a, mask, k)
+    iou = inside / (k + area - inside)
     distance = float(distance_transform_edt(~mask)[peak].mean())
-    return Localisation(share, pointing, iou, distance, k, area, area / mask.size)
+    return Localisation(share, pointing, iou, distance, correlation(a, mask), l1_distance(a, mask), k, area,
+                        area / mask.size)
 
 
 def score_maps(maps: np.ndarray, masks: np.ndarray, method: str, meta: list[dict] | None = None,
-               topk_percent: float | None = None, seed: int = 0, baselines: bool = True) -> list[dict]:
+               topk_percent: float | None = None, seed: int = 0, baselines: bool = True,
+               images: np.ndarray | None = None) -> list[dict]:
     """Rows (one per image and map kind) of the scores of `maps` (N x H x W, reduced) and, with
-    `baselines`, of a blank and a seeded random map on the same footprints."""
+    `baselines`, of a blank and a seeded random map on the same footprints, and of the edge detector
+    when the `images` (N x C x H x W, pixel space) are given."""
     rows = []
     rng = np.random.default_rng(seed)
     meta = meta or [{} for _ in range(len(maps))]
-    for a, mask, info in zip(maps, masks, meta):
+    edges = edge_map(images) if baselines and images is not None and len(images) else None
+    for i, (a, mask, info) in enumerate(zip(maps, masks, meta)):
         kinds = [(method, a)]
         if baselines:
             kinds += [("blank", blank_map(mask.shape)), ("random", random_map(mask.shape, rng))]
+            if edges is not None:
+                kinds.append(("edge", edges[i]))
         for name, m in kinds:
             rows.append({**info, "method": name, **localisation(m, mask, topk_percent).as_dict()})
     return rows
@@ -212,7 +280,7 @@ def describe(summary: list[dict], method: str, label: str = "", **match) -> str:
     m = rows[method]
     parts = []
     for score, name in (("pointing", "pointing game"), ("share", "in-footprint share"), ("iou", "top-k IoU"),
-                        ("peak_distance", "peak distance px")):
+                        ("correlation", "correlation"), ("peak_distance", "peak distance px")):
         base = ", ".join(f"{b} {rows[b][score]:.3f}" for b in BASELINES if b in rows)
         parts.append(f"{name} {m[score]:.3f} ({base})")
     line = f"{who}{method} on {m['images']} poisoned images: " + "; ".join(parts)
@@ -223,6 +291,9 @@ def describe(summary: list[dict], method: str, label: str = "", **match) -> str:
 
 
 # --- drawing ---------------------------------------------------------------------------------
+BASELINE_STYLES = (("blank", "--", "black"), ("random", ":", "#d62728"), ("edge", "-.", "#2ca02c"))
+
+
 def draw_footprint(ax, mask: np.ndarray, color: str = "cyan", linewidth: float = 1.0):
     """Outline a footprint on pixel borders (imshow coordinates)."""
     mask = np.asarray(mask, dtype=bool)
@@ -259,13 +330,51 @@ def draw_score_bars(axes, summary: list[dict], methods: list[str], title_suffix:
         ax.bar(x, means, yerr=errors, color="#4c72b0", capsize=3)
         for xi, value, error in zip(x, means, errors):
             ax.text(xi, value + error + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
-        for base, style in (("blank", "--"), ("random", ":")):
+        for base, style, color in BASELINE_STYLES:
             if base in rows:
-                ax.axhline(rows[base][score], color="black" if base == "blank" else "#d62728", linestyle=style,
-                           linewidth=1.2, label=f"{base} map {rows[base][score]:.3f}")
+                ax.axhline(rows[base][score], color=color, linestyle=style, linewidth=1.2,
+                           label=f"{base} map {rows[base][score]:.3f}")
         ax.set_xticks(x)
         ax.set_xticklabels(shown, rotation=45, ha="right", fontsize=8)
         ax.set_ylim(0, 1.3)
         ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_title(label + title_suffix, fontsize=9)
-        ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
+
+
+RANKING_LABELS = {"correlation": "correlation of map with footprint (higher is better)",
+                  "l1": "L1 distance of [0,1]-scaled map to footprint, per pixel (lower is better)"}
+
+
+def ranking_figure(n_methods: int, n_panels: int = 2):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 0.32 * n_methods + 1.9), squeeze=False)
+
+
+def draw_ranking(axes, rows_by_score: dict, order: list[str]):
+    """One panel per score: a horizontal bar per method in `order` (best first, top), its mean with
+    the 95% bootstrap interval; dark bars beat every baseline (utils/casper.py), light ones do not;
+    the baselines are vertical lines. `rows_by_score` maps a score to its casper.rank_methods rows."""
+    for ax, (score, rows) in zip(axes, rows_by_score.items()):
+        rows = {r["method"]: r for r in rows}
+        shown = [m for m in order if m in rows and m not in BASELINES]
+        y = np.arange(len(shown))[::-1]
+        means = np.array([rows[m]["mean"] for m in shown], dtype=float)
+        low = np.array([rows[m]["low"] for m in shown], dtype=float)
+        high = np.array([rows[m]["high"] for m in shown], dtype=float)
+        errors = np.nan_to_num(np.vstack([means - low, high - means]), nan=0.0).clip(min=0)
+        beats_all = [all(rows[m].get(f"beats_{b}") is True for b in BASELINES if b in rows) for m in shown]
+        colors = ["#1f4e8c" if b else "#a7b9d1" for b in beats_all]
+        ax.barh(y, means, xerr=errors, color=colors, capsize=2, height=0.7)
+        for base, style, color in BASELINE_STYLES:
+            if base in rows:
+                ax.axvline(rows[base]["mean"], color=color, linestyle=style, linewidth=1.3,
+                           label=f"{base} {rows[base]['mean']:.3f}")
+        ax.set_yticks(y)
+        ax.set_yticklabels([m.replace("_", " ") for m in shown], fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(RANKING_LABELS.get(score, score), fontsize=9)
+        ax.legend(fontsize=7, loc="lower right", frameon=False, title="baselines", title_fontsize=7)
+    axes[0].set_xlabel("dark: beats every baseline (95% bootstrap interval of the paired difference above 0)",
+                       fontsize=7)

@@ -3,15 +3,18 @@
 See DESIGN.md section 2. This is the only module that reads the raw dictionaries; everything
 else sees `Record` and `PoisonState`.
 """
+import numbers
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+import torch
 
 from .datasets import DATASETS, dataset_info
 from .errors import UserError
-from .safe_load import safe_torch_load
+from .safe_load import check_file, restricted_unpickle, safe_torch_load
 
 ATTACK_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 
@@ -122,23 +125,52 @@ def _poison_state(name: str, raw, record_dir: Path, n_classes: int) -> PoisonSta
                        np.asarray(original_label, dtype=np.int64), paths, original_index_array)
 
 
-def _img_size(value, dataset: str) -> tuple:
+def _img_size(value, dataset: str, source: str) -> tuple:
+    """(H, W, C) from the record; (H, W) takes the dataset's channel count."""
     if value is None:
-        return DATASETS[dataset].size if dataset in DATASETS else (32, 32, 3)
-    size = tuple(int(v) for v in value)
-    return size if len(size) == 3 else (size[0], size[1], DATASETS.get(dataset, DATASETS["cifar10"]).size[2])
+        return DATASETS[dataset].size
+    try:
+        size = tuple(int(v) for v in value if isinstance(v, numbers.Integral) and not isinstance(v, bool))
+        valid = len(size) == len(value) and len(size) in (2, 3) and min(size[:2]) > 0 and size[2:] in ((), (1,), (3,))
+    except TypeError:  # not a sequence
+        valid = False
+    if not valid:
+        raise UserError(f"{source}: 'img_size' is {value!r}, not (height, width, channels) with positive sizes and "
+                        f"1 or 3 channels; the file is damaged: write the dataset's image size there")
+    return size if len(size) == 3 else (size[0], size[1], DATASETS[dataset].size[2])
+
+
+def _num_classes(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UserError(f"{source}: 'num_classes' is {value!r}, not a positive whole number; "
+                        f"the record is damaged (pass --num_classes to override it)")
+    return int(value)
+
+
+def _state_dict(value, source: str, what: str = "key 'model'") -> dict:
+    """A state_dict is a dict of parameter names to tensors; say what else the file holds."""
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: {what} holds a {type(value).__name__}, not a state_dict (a dict of tensors); "
+                        f"the file is damaged or was not written by BackdoorBench")
+    odd = [str(k) for k, v in value.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if odd:
+        raise UserError(f"{source}: {what} is not a state_dict: entry {odd[0]} is not a named tensor "
+                        f"({len(odd)} such entries); the file is damaged or was not written by BackdoorBench")
+    return value
 
 
 def find_attack_file(location: str) -> tuple[Path, str]:
     """A record folder or a file inside it -> (file, kind)."""
     path = Path(location).expanduser()
     if path.is_dir():
-        if (path / "attack_result.pt").is_file():
-            return path / "attack_result.pt", "attack"
-        if (path / "clean_model.pth").is_file():
-            return path / "clean_model.pth", "prototype"
+        for name, kind in (("attack_result.pt", "attack"), ("clean_model.pth", "prototype")):
+            if (path / name).is_symlink() or (path / name).exists():
+                return check_file(path / name, "record file"), kind
         raise UserError(f"{path} holds neither attack_result.pt nor clean_model.pth; "
                         f"point --result_file_attack at a BackdoorBench record folder")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"record {path} is a dangling symlink to {path.readlink()}; restore its target or point "
+                        f"--result_file_attack at the real record folder")
     if path.is_file():
         return path, "prototype" if path.name == "clean_model.pth" else "attack"
     raise UserError(f"record {path} does not exist; point --result_file_attack at a BackdoorBench record folder")
@@ -163,28 +195,34 @@ def load_record(location: str, trust: bool = False, prototype: bool = False, mod
         raise UserError(f"{file} lacks the keys {', '.join(missing)}; it is not a BackdoorBench attack result")
     name = (dataset or str(raw["clean_data"])).lower()
     dataset_info(name)
-    classes = int(num_classes or raw["num_classes"])
+    classes = num_classes or _num_classes(raw["num_classes"], str(file))
     return Record(
         path=record_dir, kind="attack", model_name=str(model_name or raw["model_name"]), num_classes=classes,
-        state_dict=raw["model"], data_path=str(raw.get("data_path", f"./data/{name}")),
-        img_size=_img_size(raw.get("img_size"), name), dataset=name,
+        state_dict=_state_dict(raw["model"], str(file)), data_path=str(raw.get("data_path", f"./data/{name}")),
+        img_size=_img_size(raw.get("img_size"), name, str(file)), dataset=name,
         bd_train=_poison_state("bd_train", raw.get("bd_train"), record_dir, classes),
         bd_test=_poison_state("bd_test", raw.get("bd_test"), record_dir, classes),
     )
 
 
+def _read_info(path: Path, trust: bool) -> dict:
+    """BackdoorBench's prototype writes info.pickle with torch.save(args.__dict__); a plain pickle
+    of the same dict (pickle.dump) is read through the restricted unpickler. Neither runs code
+    unless --trust_record; a refusal is always an error, never silently skipped."""
+    if zipfile.is_zipfile(path):
+        loaded = safe_torch_load(path, trust, what="info.pickle")
+    else:
+        loaded = restricted_unpickle(path, "info.pickle", trust)
+    if not isinstance(loaded, dict):
+        raise UserError(f"info.pickle {path} holds a {type(loaded).__name__}, not the dict of the prototype's "
+                        f"arguments; remove it and pass --dataset and --model")
+    return loaded
+
+
 def _load_prototype(file: Path, record_dir: Path, trust: bool, model_name, dataset, num_classes) -> Record:
-    state_dict = safe_torch_load(file, trust, what="clean model")
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{file} is not a state_dict")
-    info = {}
+    state_dict = _state_dict(safe_torch_load(file, trust, what="clean model"), str(file), "the file")
     info_file = record_dir / "info.pickle"
-    if info_file.is_file():
-        try:
-            loaded = safe_torch_load(info_file, trust, what="info.pickle")
-            info = loaded if isinstance(loaded, dict) else vars(loaded) if hasattr(loaded, "__dict__") else {}
-        except UserError:
-            info = {}  # arguments only; flags and the state_dict can stand in
+    info = _read_info(info_file, trust) if info_file.is_file() or info_file.is_symlink() else {}
     name = (dataset or info.get("dataset") or "").lower()
     if not name:
         raise UserError(f"prototype record {record_dir} does not say its dataset; pass --dataset")
@@ -192,12 +230,16 @@ def _load_prototype(file: Path, record_dir: Path, trust: bool, model_name, datas
     model = model_name or info.get("model")
     if not model:
         raise UserError(f"prototype record {record_dir} does not say its model; pass --model")
-    classes = num_classes or info.get("num_classes") or dataset_info(name).num_classes
-    size = info.get("img_size") or (info.get("input_height"), info.get("input_width"), info.get("input_channel"))
-    size = size if all(v is not None for v in size) else None
-    return Record(path=record_dir, kind="prototype", model_name=str(model), num_classes=int(classes),
+    stored = info.get("num_classes")
+    if not num_classes:
+        num_classes = dataset_info(name).num_classes if stored is None else _num_classes(stored, str(info_file))
+    size = info.get("img_size")
+    shape_keys = ("input_height", "input_width", "input_channel")
+    if size is None and all(info.get(k) is not None for k in shape_keys):
+        size = tuple(info[k] for k in shape_keys)
+    return Record(path=record_dir, kind="prototype", model_name=str(model), num_classes=num_classes,
                   state_dict=state_dict, data_path=str(info.get("dataset_path", f"./data/{name}")),
-                  img_size=_img_size(size, name), dataset=name, bd_train=None, bd_test=None)
+                  img_size=_img_size(size, name, str(info_file)), dataset=name, bd_train=None, bd_test=None)
 
 
 @dataclass
@@ -212,11 +254,13 @@ class DefenseResult:
 def load_defense(location: str, trust: bool = False) -> DefenseResult:
     path = Path(location).expanduser()
     file = path / "defense_result.pt" if path.is_dir() else path
-    if not file.is_file():
+    if not file.is_file() and not file.is_symlink():
         raise UserError(f"defense result {file} does not exist; point --result_file_defense at "
                         f"record/<name>/defense/<defense> or its defense_result.pt")
     raw = safe_torch_load(file, trust, what="defense result")
     if not isinstance(raw, dict) or "model" not in raw:
         raise UserError(f"{file} is not a BackdoorBench defense result (expected a dict with a 'model' key)")
+    classes = raw.get("num_classes")
     return DefenseResult(path=file.parent.resolve(), name=file.parent.name, model_name=str(raw.get("model_name", "")),
-                         num_classes=int(raw.get("num_classes", 0) or 0), state_dict=raw["model"])
+                         num_classes=0 if classes in (None, 0) else _num_classes(classes, str(file)),
+                         state_dict=_state_dict(raw["model"], str(file)))
