@@ -13,11 +13,13 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt tools/install_torchvision_shim.py
+$(STAMP): requirements.txt pyproject.toml tools/install_torchvision_shim.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls a CUDA build and gigabytes of packages.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
+	# the package itself, editable: `backdoor-lens` on the PATH of .venv, `import backdoor_lens` anywhere
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python tools/install_torchvision_shim.py
 	# Graphviz's dot renders the network diagrams; optional, installed when we can.
 	command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.activations import ReducingHooks, channel_view  # noqa: E402
-from utils.layers import get_layer, named_layers  # noqa: E402
+from backdoor_lens.stats.activations import ReducingHooks, channel_view  # noqa: E402
+from backdoor_lens.models.layers import get_layer, named_layers  # noqa: E402
 
 
 def one_pass_all_layers(model, loader, layers, device):
@@ -59,8 +59,8 @@ def pass_per_layer(model, loader, layers, device):
 
 def demo_loader(record: Path, samples: int, batch_size: int):
     """The demo record's bd_train (stratified sample), through the toolkit's own splits."""
-    from utils.args import make_args
-    from utils.context import load_context
+    from backdoor_lens.args import make_args
+    from backdoor_lens.context import load_context
 
     args = make_args(None, default_split="bd_train", result_file_attack=str(record), n_sub=samples,
                      batch_size=batch_size, quiet=True, output_dir=tempfile.mkdtemp(prefix="bench-features-"))
@@ -70,7 +70,7 @@ def demo_loader(record: Path, samples: int, batch_size: int):
 
 
 def synthetic_loader(samples: int, batch_size: int):
-    from utils.models import PreActResNet18
+    from backdoor_lens.models import PreActResNet18
 
     torch.manual_seed(0)
     model = PreActResNet18(10).eval()

@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loss_landscape.directions import base_entries, make_directions  # noqa: E402
-from loss_landscape.evaluate import GridEvaluator, plain_pass  # noqa: E402
-from utils.models import PreActResNet18  # noqa: E402
+from backdoor_lens.landscape.directions import base_entries, make_directions  # noqa: E402
+from backdoor_lens.landscape.evaluate import GridEvaluator, plain_pass  # noqa: E402
+from backdoor_lens.models import PreActResNet18  # noqa: E402
 
 
 def timed(function) -> float:

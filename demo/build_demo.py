@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from demo.bb_record import write_attack_record
 from demo.triggers import TRIGGERS
-from utils.datasets import dataset_info, load_digits_split
-from utils.device import progress, seed_everything
-from utils.models import PreActResNet18
+from backdoor_lens.record.datasets import dataset_info, load_digits_split
+from backdoor_lens.device import progress, seed_everything
+from backdoor_lens.models import PreActResNet18
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0

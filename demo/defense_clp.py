@@ -3,7 +3,7 @@
     python -m demo.defense_clp record/badnet_demo [--u 3]
 
 The demo writes what BackdoorBench's CLP defense (defense/clp.py) would write, so it prunes by
-BackdoorBench's rule (utils/lipschitz.py, pairing "backdoorbench"): each BatchNorm2d is paired with
+BackdoorBench's rule (backdoor_lens/stats/lipschitz.py, pairing "backdoorbench"): each BatchNorm2d is paired with
 the last Conv2d registered before it, std = sqrt(running_var) without eps, and the BN channels
 above mean + u*std of their layer get weight and bias zeroed. `visual_lips.py --pairing
 backdoorbench` flags exactly these channels. The result is written as BackdoorBench writes a
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from utils.context import load_zoo_model
-from utils.lipschitz import compute_channel_lipschitz
-from utils.metrics import accuracy, predict
-from utils.datasets import dataset_info, open_clean_dataset
-from utils.record import load_record
-from utils.splits import ImageTransform, build_split
+from backdoor_lens.context import load_zoo_model
+from backdoor_lens.stats.lipschitz import compute_channel_lipschitz
+from backdoor_lens.stats.metrics import accuracy, predict
+from backdoor_lens.record.datasets import dataset_info, open_clean_dataset
+from backdoor_lens.record.record import load_record
+from backdoor_lens.record.splits import ImageTransform, build_split
 
 
 @torch.no_grad()

@@ -17,11 +17,11 @@ import torch
 
 from demo.bb_record import write_attack_record
 from demo.triggers import badnets_patch
-from utils.models import build_model
+from backdoor_lens.models import build_model
 
 def load_raw(path) -> dict:
     """A record file as written, read the safe way the tests can trust: weights_only with the numpy
-    array globals allowed (independent of utils.safe_load, which the tests check)."""
+    array globals allowed (independent of backdoor_lens.record.safe_load, which the tests check)."""
     from numpy._core.multiarray import _reconstruct, scalar
 
     allowed = [_reconstruct, scalar, np.ndarray, np.dtype, np.dtypes.Int64DType, np.dtypes.Float64DType]

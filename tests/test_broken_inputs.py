@@ -6,27 +6,19 @@ exit code 2, no traceback, no output folder (neither under --output_dir nor insi
 the record's files byte for byte unchanged, and no code run from any pickle (a hostile file
 creates a marker file when unpickled the unsafe way; the marker must never appear).
 """
-import contextlib
 import hashlib
-import importlib
-import io
 import os
 import pickle
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.bb_fixture import load_raw, make_bb_root
-from tests.matrix import MATRIX_ARGS, ROOT, SCRIPTS
-from utils.script_info import declared_default_split
+from backdoor_lens.analysis import registry
+from tests.helpers import run_in_process
 
-# Analyses that read only the weights: data faults cannot reach them (they may still finish).
-WEIGHTS_ONLY = {"visual_lips", "visual_network", "visual_fv"}
-# Analyses whose default split has no poisoned images; the PNG case points them at bd_test.
-CLEAN_BY_DEFAULT = {"visual_cm", "visual_hessian"}
+ANALYSES = registry()
 
 
 class _Hostile:
@@ -121,25 +113,8 @@ def broken(tmp_path_factory):
     return roots
 
 
-def _run(script: str, argv: list) -> tuple:
-    from utils.cli import main
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(script)
-    stderr = io.StringIO()
-    code = 0
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            main(module.run, module.add_arguments, default_split=declared_default_split(ROOT / f"{script}.py"),
-                 argv=argv)
-        except SystemExit as stop:
-            code = stop.code
-    return code, stderr.getvalue()
-
-
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", list(ANALYSES))
 def test_broken_input(script, case, broken, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bb, marker, flags = broken[case]
@@ -151,14 +126,15 @@ def test_broken_input(script, case, broken, tmp_path, monkeypatch):
         argv = argv[:2]
     if "--output_dir" not in extra:
         extra += ["--output_dir", str(out)]
-    if case == "corrupt_png" and script in CLEAN_BY_DEFAULT:
-        extra += ["--visual_dataset", "bd_test"]
-    argv += MATRIX_ARGS.get(script, []) + extra + ["--quiet", "--device", "cpu"]
+    analysis = ANALYSES[script]
+    if case == "corrupt_png" and analysis.default_split == "clean_test" and analysis.splits:
+        extra += ["--visual_dataset", "bd_test"]  # its default split has no poisoned image to break
+    argv += list(analysis.quick_args) + extra + ["--quiet", "--device", "cpu"]
     before = _tree_digest(bb.root)
-    code, stderr = _run(script, argv)
+    code, _, stderr = run_in_process(script, argv)
     assert not marker.exists(), f"{script} ran code from a pickle in case {case}"
     assert _tree_digest(bb.root) == before, f"{script} changed the record's folder in case {case}"
-    if case in DATA_CASES and script in WEIGHTS_ONLY and code == 0:
+    if case in DATA_CASES and not analysis.splits and code == 0:
         return  # nothing of the data is read: finishing is right
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, f"{script} exited {code} on {case}:\n{stderr}"

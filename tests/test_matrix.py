@@ -1,6 +1,6 @@
-"""Every visual_*.py x every record kind: outputs, or exit 2 with one line; never a traceback.
+"""Every registered analysis x every record kind: outputs, or exit 2 with one line; never a traceback.
 
-Runs in-process (the script's own `main` with its command-line arguments) from a working directory
+Runs in-process (the analysis's own `main` with its command-line arguments) from a working directory
 that is not the record's, on records whose stored paths point at a BackdoorBench root elsewhere.
 """
 import json
@@ -8,10 +8,8 @@ import json
 import pytest
 
 from tests.bb_fixture import RECORD_KINDS, make_record_kind
-from tests.matrix import SCRIPTS, run_cell
-
-# Analyses that cannot work without poisoned samples: they must refuse, with "needs", on clean records.
-NEEDS_POISON = {"visual_na", "visual_tac", "visual_quality", "visual_detect"}
+from backdoor_lens.analysis import registry
+from tests.matrix import analyses, run_cell
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +18,14 @@ def kinds(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", RECORD_KINDS)
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", analyses())
 def test_cell(script, kind, kinds, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, message = run_cell(script, kinds[kind], tmp_path / "out")
     if status == "refused":
         assert "needs" in message, message
         assert kind == "prototype", f"{script} refused a {kind} record: {message}"
-    if kind == "prototype" and script in NEEDS_POISON:
+    if kind == "prototype" and registry()[script].needs_poison:
         assert status == "refused"
     if status == "ok":
         run = json.loads(next((tmp_path / "out").rglob("run.json")).read_text())

@@ -1,17 +1,16 @@
-"""Every Demos/ notebook executes headless on the demo record, and every script has one."""
+"""Every registered analysis has a Demos/ notebook, and every notebook executes headless on the demo record."""
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from Demos.make_notebooks import NOTEBOOKS as SPEC
-from tests.matrix import MATRIX_ARGS
-from utils.script_info import flags_to_kwargs
+from backdoor_lens.analysis import registry
+from Demos.make_notebooks import flags_to_kwargs, notebook_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMOS = ROOT / "Demos"
-NOTEBOOKS = sorted(DEMOS.glob("Demo_*.ipynb"))
+ANALYSES = registry()
 
 
 @pytest.fixture(scope="session")
@@ -26,25 +25,23 @@ def demo_record(tmp_path_factory):
     return root / "record" / "badnet_demo"
 
 
-def test_every_script_has_a_notebook():
-    scripts = {p.stem for p in ROOT.glob("visual_*.py")}
-    covered = {module for _, module, _, _ in SPEC}
-    assert scripts <= covered, scripts - covered
-    written = {p.stem for p in NOTEBOOKS}
-    assert {f"Demo_{name}" for name, module, _, _ in SPEC if module in scripts} <= written
+def test_every_notebook_belongs_to_an_analysis():
+    expected = {notebook_path(a).name for a in ANALYSES.values()}
+    assert {p.name for p in DEMOS.glob("Demo_*.ipynb")} == expected
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, demo_record, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", list(ANALYSES))
+def test_notebook_executes(name, demo_record, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
+    path = notebook_path(ANALYSES[name])
+    assert path.is_file(), f"{path.name} is missing: python Demos/make_notebooks.py writes it"
     nb = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "stored with outputs"
     monkeypatch.setenv("BACKDOOR_LENS_RECORD", str(demo_record))
     monkeypatch.setenv("BACKDOOR_LENS_OUT", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    script = next(module for name, module, _, _ in SPEC if f"Demo_{name}" == path.stem)
-    monkeypatch.setenv("BACKDOOR_LENS_OVERRIDES", json.dumps(flags_to_kwargs(MATRIX_ARGS.get(script, []))))
+    monkeypatch.setenv("BACKDOOR_LENS_OVERRIDES", json.dumps(flags_to_kwargs(ANALYSES[name].quick_args)))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(DEMOS)}}).execute()
     figures = list(tmp_path.rglob("*.png"))
     assert figures, "the notebook wrote no figure"

@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from utils.args import make_args
-from utils.errors import UserError
+from backdoor_lens.args import make_args
+from backdoor_lens.errors import UserError
 
 CM = ["--quiet", "--n_sub", "10", "--device", "cpu"]
 
 
 def cm_args(bb, **values):
-    from visual_cm import add_arguments
+    from backdoor_lens.analyses.cm import add_arguments
 
     return make_args(add_arguments, result_file_attack=str(bb.record_dir), n_sub=10, device="cpu", quiet=True,
                      **values)
@@ -37,13 +37,13 @@ def listing(folder):
 # --- item 3: the method folder is replaced as a whole; the report shows the run's files only -----
 
 def test_run_replaces_the_method_folder_as_a_whole(bb, tmp_path):
-    from visual_cm import run
+    from backdoor_lens.analyses.cm import ANALYSIS
 
     out = tmp_path / "out"
     (out / "cm").mkdir(parents=True)
     (out / "cm" / "confusion_matrix_defense.csv").write_text("left by a run with a defense\n")
     (out / "cm" / "landscape_contour.png").write_bytes(b"an older figure")
-    run(cm_args(bb, output_dir=str(out)))
+    ANALYSIS.run(cm_args(bb, output_dir=str(out)))
     files = json.loads((out / "cm" / "run.json").read_text())["files"]
     assert sorted(files) == sorted(p.name for p in (out / "cm").iterdir())  # exactly the run's files
     assert "confusion_matrix_defense.csv" not in files and "confusion_matrix.png" in files
@@ -63,7 +63,7 @@ def tiny_png(path, colour):
 
 
 def test_report_embeds_only_the_files_run_json_lists(tmp_path):
-    from report.build_report import build_report
+    from backdoor_lens.report.build import build_report
 
     record = tmp_path / "record"
     folder = record / "visual" / "cm"
@@ -83,7 +83,7 @@ HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from utils.output import OutputDir
+    from backdoor_lens.output import OutputDir
     out = OutputDir(Path(sys.argv[1]) / "cm")
     out.save_text("half.txt", "half-written")
     print("ready", flush=True)
@@ -122,8 +122,8 @@ def test_sigkilled_run_leaves_nothing_after_the_next_run(bb, tmp_path, script):
 TERMINATED = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from utils.args import make_args
-    from utils.context import load_context
+    from backdoor_lens.args import make_args
+    from backdoor_lens.context import load_context
     args = make_args(result_file_attack=sys.argv[1], output_dir=sys.argv[2], device="cpu", quiet=True)
     with load_context(args, "cm", split=None) as ctx:
         ctx.out.save_text("half.txt", "half-written")
@@ -147,8 +147,8 @@ def test_sigterm_mid_run_removes_everything_the_run_made(bb, tmp_path):
 @pytest.mark.parametrize("where", ["output_dir", "record"])
 def test_failure_after_writing_leaves_no_folder(tmp_path, monkeypatch, where):
     from tests.bb_fixture import make_bb_root
-    from utils.context import Context
-    from visual_cm import run
+    from backdoor_lens.context import Context
+    from backdoor_lens.analyses.cm import ANALYSIS
 
     def fails_while_writing(ctx, summary):
         ctx.out.save_text("half.txt", "half-written")
@@ -159,14 +159,14 @@ def test_failure_after_writing_leaves_no_folder(tmp_path, monkeypatch, where):
     monkeypatch.setattr(Context, "finish", fails_while_writing)
     out = tmp_path / "new" / "out"
     with pytest.raises(RuntimeError, match="disk full"):
-        run(cm_args(bb, output_dir=str(out) if where == "output_dir" else None))
+        ANALYSIS.run(cm_args(bb, output_dir=str(out) if where == "output_dir" else None))
     assert not (tmp_path / "new").exists()
     assert listing(bb.record_dir) == before  # not even an empty visual/ in the record
 
 
 def test_dead_commit_is_rolled_back_to_the_old_folder(tmp_path):
     """Killed between the two renames of a commit: the next run puts the old folder back."""
-    from utils.output import OutputDir
+    from backdoor_lens.output import OutputDir
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -209,25 +209,25 @@ def deny_writes_to(monkeypatch, folder):
 
 
 def test_output_dir_that_is_not_writable_is_refused(bb, tmp_path, monkeypatch):
-    from visual_cm import run
+    from backdoor_lens.analyses.cm import ANALYSIS
 
     locked = tmp_path / "locked"
     locked.mkdir()
     deny_writes_to(monkeypatch, locked)
     with pytest.raises(UserError, match=rf"{re.escape(str(locked))} is not writable.*--output_dir"):
-        run(cm_args(bb, output_dir=str(locked / "out")))
+        ANALYSIS.run(cm_args(bb, output_dir=str(locked / "out")))
     assert not any(locked.iterdir())
 
 
 def test_read_only_record_asks_for_output_dir(tmp_path, monkeypatch):
     from tests.bb_fixture import make_bb_root
-    from visual_cm import run
+    from backdoor_lens.analyses.cm import ANALYSIS
 
     bb = make_bb_root(tmp_path, n_train=20, n_test=20)
     before = listing(bb.record_dir)
     deny_writes_to(monkeypatch, bb.record_dir)
     with pytest.raises(UserError, match=rf"{re.escape(str(bb.record_dir))} is not writable.*pass --output_dir"):
-        run(cm_args(bb))
+        ANALYSIS.run(cm_args(bb))
     assert listing(bb.record_dir) == before
 
 

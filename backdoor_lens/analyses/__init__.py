@@ -1,0 +1,1 @@
+"""One module per analysis, each declaring `ANALYSIS = Analysis(...)` (see backdoor_lens.analysis)."""

@@ -1,0 +1,1 @@
+"""Explainers behind one interface, footprint and localisation scores, and the ranking of methods against baselines."""

@@ -1,0 +1,93 @@
+"""`backdoor-lens all`: every registered analysis on one record, past failures, then the report.
+
+    backdoor-lens all record/<name> [--dataset_path DIR] [--result_file_defense DIR] [--only a,b]
+                                    [--select compares|blended_demo] [--no_report]
+
+Each analysis runs as its own command line would (`python -m backdoor_lens <name>` with its
+declared demo arguments; under mpirun with its declared ranks), so a crash in one cannot take
+the others down; the run ends with a summary and exit 1 when any analysis failed.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .analysis import registry
+from .errors import UserError
+
+
+def command_for(analysis, record: str, extra: list) -> list:
+    base = [sys.executable, "-m", "backdoor_lens", analysis.name, "--result_file_attack", record, "--quiet"]
+    base += extra + [str(a) for a in analysis.demo_args]
+    beside = Path(sys.executable).parent / "mpirun"
+    mpirun = shutil.which("mpirun") or (str(beside) if beside.exists() else None)
+    if analysis.mpi_ranks and mpirun:
+        return [mpirun, "-n", str(analysis.mpi_ranks)] + base
+    return base
+
+
+def chosen(only: str | None, select: str | None) -> list:
+    table = registry()
+    analyses = list(table.values())
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise UserError(f"--only names unknown analyses: {', '.join(unknown)}; known: {', '.join(table)}")
+        analyses = [a for a in analyses if a.name in names]
+    if select == "compares":
+        analyses = [a for a in analyses if a.compares]
+    elif select == "blended_demo":
+        analyses = [a for a in analyses if a.on_blended_demo]
+    return analyses
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="backdoor-lens all", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record")
+    parser.add_argument("--dataset_path")
+    parser.add_argument("--result_file_defense")
+    parser.add_argument("--only", help="comma-separated analysis names, e.g. cm,metric")
+    parser.add_argument("--select", choices=("compares", "blended_demo"),
+                        help="only the analyses that draw attack and defense side by side, or that the demo "
+                             "also runs on its Blended record")
+    parser.add_argument("--no_report", action="store_true")
+    args = parser.parse_args(argv)
+    if not Path(args.record).exists():
+        raise UserError(f"record {args.record} does not exist; pass a BackdoorBench record folder")
+    extra = []
+    if args.dataset_path:
+        extra += ["--dataset_path", args.dataset_path]
+    if args.result_file_defense:
+        extra += ["--result_file_defense", args.result_file_defense]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    results = []
+    for analysis in chosen(args.only, args.select):
+        print(f"==> {analysis.name}: {analysis.title}", flush=True)
+        started = time.time()
+        proc = subprocess.run(command_for(analysis, args.record, extra), env=env, capture_output=True, text=True)
+        seconds = time.time() - started
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        tail = proc.stdout.strip().splitlines()[-3:] if proc.returncode == 0 else \
+            (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines())[-3:]
+        for line in tail:
+            print(f"    {line}")
+        print(f"    {status} in {seconds:.0f} s", flush=True)
+        results.append((analysis.name, status))
+    ok = sum(1 for _, s in results if s == "ok")
+    where = Path(args.result_file_defense) if args.result_file_defense else Path(args.record)
+    where = where.parent if where.suffix == ".pt" else where
+    print(f"\n{ok} of {len(results)} analyses ran; outputs under {where.resolve() / 'visual'}")
+    for name, status in results:
+        if status != "ok":
+            print(f"  FAILED {name}: {status}")
+    if not args.no_report:
+        from .report.build import build_report
+
+        print(f"report: {build_report(Path(args.record), defense=args.result_file_defense)}")
+    return 0 if ok == len(results) else 1

@@ -1,0 +1,324 @@
+"""Per-channel activation statistics of many layers, from one pass over the data.
+
+A layer's output for one sample is viewed as C x P: C channels (conv and BatchNorm channels,
+linear units) over P positions (H*W for feature maps, 1 for vectors). Forward hooks reduce each
+output the moment it is produced, so that
+
+- one forward pass serves every layer an analysis needs (hooks on all of them at once);
+- memory depends on the number of channels (and on k for top-k), never on the number of samples;
+- an in-place operation later in the forward (torchvision's `ReLU(inplace=True)` right after a
+  BatchNorm) cannot overwrite an output before it is read.
+
+The statistics (a = activation of channel c at position p, N samples, P positions):
+
+    mean activation        m_c   = 1/(N P) sum_n sum_p a[n, c, p]
+    TAC (trigger change)   TAC_c = 1/(N P) sum_n sum_p |a(poisoned_n)[c, p] - a(clean twin_n)[c, p]|
+    channel score          s[n, c] = 1/P sum_p a[n, c, p]   (or max_p with reduce="max")
+    top-k                  the k samples with the largest s[n, c], per channel
+    ranking                the channels by descending TAC_c (or poisoned_c - clean_c): rank_channels
+
+Everything here is computation on models and loaders (or splits, for the pairs of poisoned
+samples and clean twins); choosing the split is the context's business.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from backdoor_lens.device import progress
+from backdoor_lens.errors import UserError
+from backdoor_lens.models.layers import resolve_layers
+from backdoor_lens.stats.features import FeatureHooks
+
+
+# --- hooks -----------------------------------------------------------------------------------
+
+def channel_view(output: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W (or N x C x L, or N x C) -> N x C x P, as float32."""
+    if output.dim() < 2:
+        raise UserError(f"a layer output of shape {tuple(output.shape)} has no channel axis")
+    return output.reshape(output.shape[0], output.shape[1], -1).float()
+
+
+class ReducingHooks(FeatureHooks):
+    """Forward hooks that reduce each named layer's output as soon as it is produced.
+
+    `reduce(name, output)` returns something small (per-channel sums, a B x C score matrix);
+    `reduced[name]` holds it for the last forward call. The full output is never kept.
+    """
+
+    def __init__(self, model: torch.nn.Module, names, reduce):
+        super().__init__(model, names, reduce=reduce)
+
+    @property
+    def reduced(self) -> dict:
+        return self.outputs
+
+
+def channel_scores(output: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """N x C: each channel's activation per sample, averaged (or maximised) over positions."""
+    view = channel_view(output)
+    if reduce == "max":
+        return view.amax(dim=2)
+    if reduce != "mean":
+        raise ValueError(f"reduce must be 'mean' or 'max', not {reduce!r}")
+    return view.mean(dim=2)
+
+
+# --- poisoned samples and their clean twins ----------------------------------------------------
+
+@dataclass
+class PairedActivations:
+    """Statistics of poisoned samples and their clean twins, per layer (numpy, float64).
+
+    poisoned_mean / clean_mean: m_c over the poisoned samples / over their clean twins;
+    tac: TAC_c; *_unit_mean (with per_unit): the mean of every unit (channel, position),
+    shaped like one sample's output.
+    """
+
+    count: int
+    shapes: dict
+    poisoned_mean: dict
+    clean_mean: dict
+    tac: dict
+    poisoned_unit_mean: dict = field(default_factory=dict)
+    clean_unit_mean: dict = field(default_factory=dict)
+
+    def difference(self, layer: str) -> np.ndarray:
+        """Poisoned minus clean mean activation per channel."""
+        return self.poisoned_mean[layer] - self.clean_mean[layer]
+
+
+def compute_paired_activations(model, poisoned_loader, clean_loader, layers, device, per_unit: bool = False,
+                               desc: str = "poisoned and clean twins") -> PairedActivations:
+    """One pass over poisoned samples and their clean twins (two loaders in the same order).
+
+    Each poisoned batch is forwarded together with its clean twin batch (eval mode: samples do
+    not interact), and every layer's hook reduces the pair on the spot.
+    """
+    layers = list(layers)
+    sums = {name: {"p": 0.0, "c": 0.0, "d": 0.0, "pu": 0.0, "cu": 0.0} for name in layers}
+    shapes: dict = {}
+    state = {"half": 0}
+
+    def reduce(name, output):
+        half = state["half"]
+        view = channel_view(output)
+        poisoned, clean = view[:half], view[half:]
+        shapes[name] = tuple(output.shape[1:])
+        s = sums[name]
+        s["p"] = s["p"] + poisoned.sum(dim=(0, 2)).double()
+        s["c"] = s["c"] + clean.sum(dim=(0, 2)).double()
+        s["d"] = s["d"] + (poisoned - clean).abs().sum(dim=(0, 2)).double()
+        if per_unit:
+            s["pu"] = s["pu"] + poisoned.sum(dim=0).double()
+            s["cu"] = s["cu"] + clean.sum(dim=0).double()
+        return None
+
+    count = 0
+    model.eval()
+    with ReducingHooks(model, layers, reduce), torch.inference_mode():
+        for bp, bc in progress(zip(poisoned_loader, clean_loader), desc, total=_length(poisoned_loader)):
+            if not torch.equal(bp[4], bc[4]):
+                raise ValueError("the poisoned and clean loaders are not in the same order")
+            state["half"] = bp[0].shape[0]
+            model(torch.cat([bp[0], bc[0]]).to(device, non_blocking=True))
+            count += bp[0].shape[0]
+    if count == 0:
+        raise UserError("no poisoned samples to compare with their clean twins")
+    _check_fired(layers, shapes)
+    result = PairedActivations(count=count, shapes=shapes, poisoned_mean={}, clean_mean={}, tac={})
+    for name in layers:
+        s, positions = sums[name], int(np.prod(shapes[name][1:], dtype=np.int64))
+        scale = 1.0 / (count * positions)
+        result.poisoned_mean[name] = (s["p"] * scale).cpu().numpy()
+        result.clean_mean[name] = (s["c"] * scale).cpu().numpy()
+        result.tac[name] = (s["d"] * scale).cpu().numpy()
+        if per_unit:
+            result.poisoned_unit_mean[name] = (s["pu"] / count).cpu().numpy().reshape(shapes[name])
+            result.clean_unit_mean[name] = (s["cu"] / count).cpu().numpy().reshape(shapes[name])
+    return result
+
+
+def compare_twins(models: dict, poisoned, make_loader, layers, device, per_unit: bool = False,
+                  desc: str = "poisoned and clean twins") -> dict:
+    """{model label: PairedActivations}: each model over the poisoned samples of the split
+    `poisoned` and their clean twins (`poisoned.clean_twin()`), loaded by `make_loader(split)`.
+
+    The layers are checked against every model before the first pass, so that a name one model
+    lacks is refused before any work. One sample gives that sample's own maps (per_unit) and
+    TAC_c = 1/P sum_p |a_c,p(poisoned) - a_c,p(clean twin)|.
+    """
+    layers = list(layers)
+    for model in models.values():
+        resolve_layers(model, layers)
+    poisoned_loader, clean_loader = make_loader(poisoned), make_loader(poisoned.clean_twin())
+    return {label: compute_paired_activations(model, poisoned_loader, clean_loader, layers, device,
+                                              per_unit=per_unit, desc=desc)
+            for label, model in models.items()}
+
+
+@dataclass
+class ChannelRanking:
+    """The channels of one layer by descending `values` (TAC_c or poisoned_c - clean_c)."""
+
+    by: str  # "tac" or "difference"
+    channels: np.ndarray
+    values: np.ndarray  # per channel, in channel order
+
+
+def rank_channels(model, poisoned_loader, clean_loader, layer: str, device, by: str = "tac") -> ChannelRanking:
+    """The channels of `layer` ranked by TAC_c (by="tac") or by poisoned_c - clean_c
+    (by="difference"), largest first (ties in channel order), from one paired pass over the
+    poisoned samples and their clean twins (two loaders in the same order).
+
+    The TAC ranking of `act --neuron_order tac` and of `fv`; from a context, e.g.
+
+        split = ctx.poisoned_split("bd_train", "the TAC ranking")
+        ranking = rank_channels(ctx.model, ctx.loader(split), ctx.loader(split.clean_twin()), layer, ctx.device)
+        ranking.channels[:16]   # the 16 channels the trigger changes most
+    """
+    if by not in TWIN_ORDERS:
+        raise ValueError(f"by must be one of {TWIN_ORDERS}, not {by!r}")
+    paired = compute_paired_activations(model, poisoned_loader, clean_loader, [layer], device, desc=f"{by} ranking")
+    values = paired.tac[layer] if by == "tac" else paired.difference(layer)
+    return ChannelRanking(by, descending(values), values)
+
+
+def _check_fired(layers, seen):
+    silent = [name for name in layers if name not in seen]
+    if silent:
+        raise UserError(f"layer(s) {', '.join(silent)} are not used by the model's forward pass; choose others")
+
+
+def _length(loader):
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+# --- top-activating samples --------------------------------------------------------------------
+
+@dataclass
+class TopActivations:
+    """Per layer: the k largest channel scores (C x k, descending) and the samples' positions
+    in the loader's order (C x k); `channels[layer]` is C, `count` the samples seen."""
+
+    k: int
+    count: int
+    values: dict
+    positions: dict
+
+    def channels(self, layer: str) -> int:
+        return self.values[layer].shape[0]
+
+
+class TopKTracker:
+    """Running top-k over samples for every channel: memory C x k, whatever the sample count."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.values = None  # C x k' (k' <= k), float32
+        self.positions = None  # C x k', int64
+
+    def update(self, scores: torch.Tensor, positions: torch.Tensor):
+        """scores: B x C; positions: B (the samples' positions)."""
+        values = scores.t()
+        pos = positions.to(values.device).unsqueeze(0).expand_as(values)
+        if self.values is not None:
+            values = torch.cat([self.values, values], dim=1)
+            pos = torch.cat([self.positions, pos], dim=1)
+        keep = min(self.k, values.shape[1])
+        best, order = values.topk(keep, dim=1, largest=True, sorted=True)
+        self.values, self.positions = best, pos.gather(1, order)
+
+
+def compute_top_activations(model, loader, layers, device, k: int, reduce: str = "mean",
+                            desc: str = "top activations") -> TopActivations:
+    """The k samples of the loader that activate each channel of each layer most (one pass)."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    layers = list(layers)
+    trackers = {name: TopKTracker(k) for name in layers}
+    state = {"positions": None}
+
+    def reduce_fn(name, output):
+        trackers[name].update(channel_scores(output, reduce), state["positions"])
+        return None
+
+    seen = 0
+    model.eval()
+    with ReducingHooks(model, layers, reduce_fn), torch.inference_mode():
+        for batch in progress(loader, desc):
+            size = batch[0].shape[0]
+            state["positions"] = torch.arange(seen, seen + size)
+            model(batch[0].to(device, non_blocking=True))
+            seen += size
+    if seen == 0:
+        raise UserError("no samples to rank")
+    _check_fired(layers, {n for n, t in trackers.items() if t.values is not None})
+    return TopActivations(k=min(k, seen), count=seen,
+                          values={n: t.values.cpu().numpy() for n, t in trackers.items()},
+                          positions={n: t.positions.cpu().numpy() for n, t in trackers.items()})
+
+
+# --- class make-up of the top-k ------------------------------------------------------------------
+
+def sample_groups(labels, original_labels, poison, num_classes: int, class_names=None, target=None):
+    """The group of each sample for a class make-up: its label, or 'poisoned' (an extra class).
+
+    Poisoned samples whose label was kept (WaNet/InputAware "cross"/noise samples: flag 1, label
+    unchanged and not the target) form a group of their own when present.
+    Returns (groups int array, group names).
+    """
+    labels, original_labels, poison = np.asarray(labels), np.asarray(original_labels), np.asarray(poison, bool)
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    groups = labels.astype(np.int64).copy()
+    kept = poison & (labels == original_labels)
+    if target is not None:
+        kept &= labels != target
+    groups[poison] = num_classes
+    names.append("poisoned")
+    if kept.any():
+        groups[kept] = num_classes + 1
+        names.append("poisoned, label kept")
+    return groups, names
+
+
+def topk_size(labels, poison) -> int:
+    """k for the class make-up: the number of poisoned samples, else the mean count per class."""
+    poison = np.asarray(poison, bool)
+    if poison.any():
+        return int(poison.sum())
+    present = len(np.unique(labels))
+    return max(1, int(round(len(labels) / max(present, 1))))
+
+
+def class_makeup(positions: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """C x G: the share of each group among each channel's top-k samples (rows sum to 1)."""
+    positions = np.asarray(positions)
+    chosen = groups[positions]  # C x k
+    counts = np.zeros((positions.shape[0], num_groups), np.float64)
+    np.add.at(counts, (np.repeat(np.arange(positions.shape[0]), positions.shape[1]), chosen.ravel()), 1.0)
+    return counts / positions.shape[1]
+
+
+# --- ordering neurons ---------------------------------------------------------------------------
+
+NEURON_ORDERS = ("index", "tac", "difference", "random")
+TWIN_ORDERS = ("tac", "difference")  # the orders measured on poisoned samples and their clean twins
+
+
+def descending(values, count: int | None = None) -> np.ndarray:
+    """Indices by descending value, ties in index order; the first `count` of them (all when None)."""
+    return np.argsort(-np.asarray(values), kind="stable")[:count]
+
+
+def neuron_order(how: str, num_channels: int, seed: int = 0) -> np.ndarray:
+    """Channel ids by index, or in a seeded random permutation; the TWIN_ORDERS come from rank_channels."""
+    if how == "index":
+        return np.arange(num_channels)
+    if how == "random":
+        return np.random.default_rng(seed).permutation(num_channels)
+    raise ValueError(f"order {how!r} is measured on poisoned samples: use rank_channels")
