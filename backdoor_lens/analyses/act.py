@@ -114,7 +114,7 @@ def write(result: ActResult, ctx) -> dict:
 
 
 ANALYSIS = Analysis(
-    name="act", title="Top-activating images", order=5,
+    name="act", order=5, title="Top-activating images",
     guide="The images that excite each neuron most; red titles are poisoned images, so neurons dominated by red "
           "respond to the trigger.",
     shows="the images that activate chosen neurons most",

@@ -76,9 +76,9 @@ def key_numbers(folder) -> list:
 
 ANALYSIS = Analysis(
     name="metric", title="Metrics", order=0,
+    shows="clean accuracy, attack success rate and robust accuracy",
     guide="A working backdoor keeps clean accuracy high and reaches a high ASR; RA is the accuracy on triggered "
           "inputs against their true labels.",
-    shows="clean accuracy, attack success rate and robust accuracy",
     compute=compute, write=write, settings=settings, key_numbers=key_numbers,
     splits=("clean_test", "bd_test"), default_split="clean_test",
     compares=True, on_blended_demo=True, quick_args=("--n_sub", "24"))
