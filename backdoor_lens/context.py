@@ -4,6 +4,7 @@ import platform
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from backdoor_lens.models.layers import get_layer
 from backdoor_lens.models import build_model, default_layer_name, load_weights, model_in_channels
 from backdoor_lens.output import OutputDir
 from backdoor_lens.record.record import DefenseResult, Record, load_defense, load_record
+from backdoor_lens.record.images import Batches, ImageStore
 from backdoor_lens.record.splits import (AUTO, POISONED_SPLITS, ImageTransform, Split, build_split, first_available,
-                                         stratified_positions)
+                                         new_store, stratified_positions)
+from backdoor_lens.stats import passes
+from backdoor_lens.stats.passes import mark_weights
 
 
 @dataclass
@@ -32,8 +36,10 @@ class Context:
     info: DatasetInfo
     transform: ImageTransform
     out: OutputDir
+    images: ImageStore | None = None  # every image this context decodes, decoded once
     split: Split | None = None
     started: float = field(default_factory=time.time)
+    _clean_data: dict = field(default_factory=dict)
     _class_names: tuple | None = None
     _previous_sigterm: tuple | None = None  # (handler,) while this context handles SIGTERM
 
@@ -75,8 +81,13 @@ class Context:
         return self._class_names
 
     def clean_data(self, train: bool):
+        """The clean training or test set, read once per context (once per process under `all`)."""
         root = self.record.dataset_root(self.args.dataset_path)
-        return open_clean_dataset(self.record.dataset, root, train)
+        key = (self.record.dataset, str(root), train)
+        if key not in self._clean_data:
+            self._clean_data[key] = remembered("clean", key,
+                                               lambda: open_clean_dataset(self.record.dataset, root, train))
+        return self._clean_data[key]
 
     def get_split(self, name: str, n_sub=None, c_sub=None, seed=None) -> Split:
         needs_train = name in ("clean_train", "bd_train", "subset")
@@ -84,7 +95,7 @@ class Context:
         test = None if needs_train else self.clean_data(False)
         return build_split(name, self.record, train, test, self.transform, n_sub=n_sub, c_sub=c_sub,
                            pratio=self.args.pratio, target=self.target_class,
-                           seed=self.args.seed if seed is None else seed)
+                           seed=self.args.seed if seed is None else seed, store=self.images)
 
     def split_name(self, requested: str | None = None) -> str:
         """The split to read: `requested` or --visual_dataset; "auto" resolves to the first split of the
@@ -123,10 +134,10 @@ class Context:
         self.split = split
         return split
 
-    def loader(self, split: Split, shuffle: bool = False, batch_size: int | None = None):
-        return torch.utils.data.DataLoader(split, batch_size=batch_size or self.args.batch_size, shuffle=shuffle,
-                                           num_workers=self.args.num_workers,
-                                           pin_memory=self.device.type == "cuda")
+    def loader(self, split: Split, shuffle: bool = False, batch_size: int | None = None) -> Batches:
+        """The split's batches on the device: decoded once, assembled by indexing, normalised there.
+        shuffle: a permutation seeded by --seed."""
+        return Batches(split, batch_size or self.args.batch_size, self.device, shuffle=shuffle, seed=self.args.seed)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform.denormalize(x)
@@ -201,6 +212,43 @@ def load_zoo_model(name: str, num_classes: int, state_dict: dict, channels: int,
     return model.to(device).eval()
 
 
+class Session:
+    """What one process keeps between the analyses it runs (`backdoor-lens all`): records and defenses
+    as loaded, clean datasets as read, decoded images; the shared forward passes live in
+    `stats.passes`. Models are built afresh for each analysis from the kept weights, so that
+    nothing one analysis does to its model reaches the next."""
+
+    def __init__(self):
+        self.tables: dict = {}
+        self.passes = None  # the SharedPasses of stats.passes, while the session is open
+
+
+_SESSION: Session | None = None
+
+
+@contextmanager
+def shared_session():
+    """Run several analyses in this process, reading the record, the data and each pass once."""
+    global _SESSION
+    previous, _SESSION = _SESSION, Session()
+    try:
+        with passes.sharing() as shared:
+            _SESSION.passes = shared
+            yield _SESSION
+    finally:
+        _SESSION = previous
+
+
+def remembered(table: str, key, make):
+    """make(), or under a shared session the value made before for the same key."""
+    if _SESSION is None:
+        return make()
+    values = _SESSION.tables.setdefault(table, {})
+    if key not in values:
+        values[key] = make()
+    return values[key]
+
+
 def load_context(args: argparse.Namespace, method: str, split: str | None = "visual_dataset",
                  needs_poison: bool = False) -> Context:
     """Everything a script needs. `split`: the args attribute naming the split, or None for none.
@@ -210,8 +258,11 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
     device_util.set_quiet(getattr(args, "quiet", False))
     device_util.seed_everything(args.seed)
     dev = device_util.pick_device(args.device)
-    record = load_record(args.result_file_attack, trust=args.trust_record, prototype=args.prototype,
-                         model_name=args.model, dataset=args.dataset, num_classes=args.num_classes)
+    record_key = (str(Path(args.result_file_attack).expanduser().resolve()), args.trust_record, args.prototype,
+                  args.model, args.dataset, args.num_classes)
+    record = remembered("records", record_key, lambda: load_record(
+        args.result_file_attack, trust=args.trust_record, prototype=args.prototype, model_name=args.model,
+        dataset=args.dataset, num_classes=args.num_classes))
     if args.target_class is not None and not 0 <= args.target_class < record.num_classes:
         raise UserError(f"--target_class {args.target_class} is out of range; "
                         f"the record has classes 0..{record.num_classes - 1}")
@@ -220,14 +271,18 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
                         f"{'clean prototype record' if record.kind == 'prototype' else 'record'} does not have")
     info = dataset_info(record.dataset)
     channels = record.img_size[2]
-    models = {"attack": load_zoo_model(record.model_name, record.num_classes, record.state_dict, channels,
-                                    f"record {record.path}", dev)}
+    models = {"attack": mark_weights(load_zoo_model(record.model_name, record.num_classes, record.state_dict,
+                                                    channels, f"record {record.path}", dev), "attack", record_key)}
     defense = None
     if args.result_file_defense:
-        defense = load_defense(args.result_file_defense, trust=args.trust_record)
+        defense_key = (str(Path(args.result_file_defense).expanduser().resolve()), args.trust_record)
+        defense = remembered("defenses", defense_key,
+                             lambda: load_defense(args.result_file_defense, trust=args.trust_record))
         name = args.model or defense.model_name or record.model_name
         classes = defense.num_classes or record.num_classes
-        models["defense"] = load_zoo_model(name, classes, defense.state_dict, channels, f"defense {defense.path}", dev)
+        models["defense"] = mark_weights(load_zoo_model(name, classes, defense.state_dict, channels,
+                                                        f"defense {defense.path}", dev),
+                                         "defense", (defense_key, name, args.model))
     if args.target_layer_name:
         for model in models.values():
             get_layer(model, args.target_layer_name)
@@ -242,8 +297,9 @@ def load_context(args: argparse.Namespace, method: str, split: str | None = "vis
         hint = "pass --output_dir DIR to write the outputs elsewhere"
     # Checked here, before any work; it creates nothing until the run writes its first file.
     out = OutputDir(final, pdf=args.pdf, hint=hint)
+    images = remembered("images", (record_key, tuple(transform.size)), lambda: new_store(transform, tuple(record.img_size)))
     ctx = Context(args=args, method=method, record=record, defense=defense, device=dev, models=models, info=info,
-                  transform=transform, out=out)
+                  transform=transform, out=out, images=images)
     if split is not None:
         ctx.use_split(getattr(args, split), needs_poison=needs_poison)
     return ctx

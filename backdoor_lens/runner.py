@@ -1,21 +1,33 @@
 """`backdoor-lens all`: every registered analysis on one record, past failures, then the report.
 
     backdoor-lens all record/<name> [--dataset_path DIR] [--result_file_defense DIR] [--only a,b]
-                                    [--select compares|blended_demo] [--no_report]
+                                    [--select compares|blended_demo] [--no_report] [--processes]
 
-Each analysis runs as its own command line would (`python -m backdoor_lens <name>` with its
-declared demo arguments; under mpirun with its declared ranks), so a crash in one cannot take
-the others down; the run ends with a summary and exit 1 when any analysis failed.
+The analyses run one after another in this process, each with its declared demo arguments, as its
+command line would run it, sharing what does not change between them: the record and defense as
+loaded, the clean data as read, every image decoded once, and the forward passes of
+`stats.passes` (one pass per split feeds tac, na, fm, act, actdist, fv, t-SNE and UMAP). Each
+analysis still builds its own models from the weights, so nothing one does to its model reaches
+the next, and its numbers are those of a run alone. A failing analysis is reported and the others
+go on; the run ends with a summary and exit 1 when any failed.
+
+--processes runs each analysis as its own process instead (`python -m backdoor_lens <name>`, under
+mpirun with its declared ranks), as the scripts did before: the baseline of bench/bench_suite.py.
 """
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .analysis import registry
+from .args import build_parser, parse_args
+from .context import shared_session
 from .errors import UserError
 
 
@@ -27,6 +39,34 @@ def command_for(analysis, record: str, extra: list) -> list:
     if analysis.mpi_ranks and mpirun:
         return [mpirun, "-n", str(analysis.mpi_ranks)] + base
     return base
+
+
+def in_a_process(analysis, record: str, extra: list, env: dict) -> tuple:
+    """(status, last lines) of the analysis run as its own process."""
+    proc = subprocess.run(command_for(analysis, record, extra), env=env, capture_output=True, text=True)
+    status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    tail = proc.stdout.strip().splitlines()[-3:] if proc.returncode == 0 else \
+        (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines())[-3:]
+    return status, tail
+
+
+def in_this_process(analysis, record: str, extra: list) -> tuple:
+    """(status, last lines) of the analysis run here, with the arguments its command line would get."""
+    argv = ["--result_file_attack", record, "--quiet"] + extra + [str(a) for a in analysis.demo_args]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            parser = build_parser(analysis.add_arguments, description=analysis.title,
+                                  default_split=analysis.default_split)
+            analysis.run(parse_args(parser, argv))
+    except UserError as error:
+        return f"failed (exit {UserError.exit_code})", [f"error: {error}"]
+    except SystemExit as stop:  # argparse refusing the declared arguments
+        return f"failed (exit {stop.code})", printed.getvalue().strip().splitlines()[-3:]
+    except Exception as error:  # one analysis's bug must not stop the others
+        lines = traceback.format_exception_only(type(error), error)
+        return "failed (error)", [line.rstrip() for line in lines][-3:]
+    return "ok", printed.getvalue().strip().splitlines()[-3:]
 
 
 def chosen(only: str | None, select: str | None) -> list:
@@ -56,6 +96,8 @@ def main(argv=None) -> int:
                         help="only the analyses that draw attack and defense side by side, or that the demo "
                              "also runs on its Blended record")
     parser.add_argument("--no_report", action="store_true")
+    parser.add_argument("--processes", action="store_true",
+                        help="one process per analysis (mpirun for the landscape) instead of one shared process")
     args = parser.parse_args(argv)
     if not Path(args.record).exists():
         raise UserError(f"record {args.record} does not exist; pass a BackdoorBench record folder")
@@ -67,18 +109,22 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     results = []
-    for analysis in chosen(args.only, args.select):
-        print(f"==> {analysis.name}: {analysis.title}", flush=True)
-        started = time.time()
-        proc = subprocess.run(command_for(analysis, args.record, extra), env=env, capture_output=True, text=True)
-        seconds = time.time() - started
-        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        tail = proc.stdout.strip().splitlines()[-3:] if proc.returncode == 0 else \
-            (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines())[-3:]
-        for line in tail:
-            print(f"    {line}")
-        print(f"    {status} in {seconds:.0f} s", flush=True)
-        results.append((analysis.name, status))
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    with shared_session() as session:
+        for analysis in chosen(args.only, args.select):
+            print(f"==> {analysis.name}: {analysis.title}", flush=True)
+            started = time.time()
+            if args.processes:
+                status, tail = in_a_process(analysis, args.record, extra, env)
+            else:
+                status, tail = in_this_process(analysis, args.record, extra)
+            for line in tail:
+                print(f"    {line}")
+            print(f"    {status} in {time.time() - started:.1f} s", flush=True)
+            results.append((analysis.name, status))
+        if not args.processes:
+            print(f"\nshared forward passes: {session.passes.passes_run} computed, "
+                  f"{session.passes.passes_saved} more requests answered from them")
     ok = sum(1 for _, s in results if s == "ok")
     where = Path(args.result_file_defense) if args.result_file_defense else Path(args.record)
     where = where.parent if where.suffix == ".pt" else where

@@ -26,7 +26,10 @@ from backdoor_lens.models import PreActResNet18
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0
 PRATIO = 0.1
-VERSION = 1  # bump to invalidate cached demo records
+VERSION = 2  # bump to invalidate cached demo records
+# Three epochs reach clean accuracy and ASR above 0.9 on both triggers (measured: see the README);
+# training is most of a first `make demo` on a CPU, so no more than that.
+EPOCHS = 3
 
 
 def _to_input(batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,7 @@ def evaluate(model, images: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(images)
 
 
-def train_backdoor(trigger: str, epochs: int = 8, seed: int = 0, quiet: bool = False):
+def train_backdoor(trigger: str, epochs: int = EPOCHS, seed: int = 0, quiet: bool = False):
     """Returns (model, train data, poisoned train indices, clean acc, ASR, test data)."""
     seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -71,7 +74,8 @@ def train_backdoor(trigger: str, epochs: int = 8, seed: int = 0, quiet: bool = F
     test_bd_idx = np.flatnonzero(test.labels != TARGET)
     test_bd_images = stamp(test._array[test_bd_idx])
 
-    model = PreActResNet18(num_classes=10)
+    # channels_last: oneDNN's convolutions run about 1.2x faster on a CPU in that layout (measured).
+    model = PreActResNet18(num_classes=10).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = int(np.ceil(len(train) / 64))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * steps_per_epoch)
@@ -85,7 +89,8 @@ def train_backdoor(trigger: str, epochs: int = 8, seed: int = 0, quiet: bool = F
             poisoned = is_poison[batch]
             if poisoned.any():
                 images[poisoned] = stamp(images[poisoned])
-            loss = F.cross_entropy(model(_to_input(torch.from_numpy(images))),
+            inputs = _to_input(torch.from_numpy(images)).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(inputs),
                                    torch.from_numpy(served_labels[batch]))
             optimizer.zero_grad()
             loss.backward()
@@ -95,11 +100,11 @@ def train_backdoor(trigger: str, epochs: int = 8, seed: int = 0, quiet: bool = F
         asr = evaluate(model, test_bd_images, np.full(len(test_bd_idx), TARGET))
         if not quiet:
             print(f"  {trigger} epoch {epoch + 1}: clean accuracy {acc:.3f}, ASR {asr:.3f}", flush=True)
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     return model, train, test, poison_idx, test_bd_idx, acc, asr
 
 
-def build(name: str, trigger: str, force: bool = False, epochs: int = 8, root: Path = ROOT) -> dict:
+def build(name: str, trigger: str, force: bool = False, epochs: int = EPOCHS, root: Path = ROOT) -> dict:
     """Train and write record/<name> under root (the folder that plays BackdoorBench's checkout)."""
     record_dir = Path(root) / "record" / name
     stamp_file = record_dir / "demo_build.json"
@@ -131,7 +136,7 @@ def build(name: str, trigger: str, force: bool = False, epochs: int = 8, root: P
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--only", choices=("badnet", "blended"))
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

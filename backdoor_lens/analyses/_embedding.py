@@ -8,6 +8,11 @@ Separability of poisoned vs target-class clean samples is measured in the embedd
 PCA'd features (silhouette, k-NN purity). Default split bd_train; records without it fall back to
 the first declared split they have (mixed, else clean_test). With a defense, both models are
 embedded side by side. tsne.py and umap.py declare the two analyses with this compute and write.
+
+Threads (--n_jobs, default every core the process may use): t-SNE runs its neighbour search and
+gradient steps on all of them; UMAP, seeded for reproducibility, runs umap-learn's layout on one
+thread (umap-learn parallelises only unseeded runs) and only its exact neighbour graph and the PCA
+on several. The embeddings are the same for any thread count (backdoor_lens/stats/embedding.py).
 """
 from dataclasses import dataclass, field
 
@@ -16,7 +21,7 @@ import pandas as pd
 from backdoor_lens.errors import UserError
 from backdoor_lens.plot.embedding import embedding_figure
 from backdoor_lens.record.splits import AUTO
-from backdoor_lens.stats.embedding import CROSS, GROUP_NAMES, POISONED, compute_embedding
+from backdoor_lens.stats.embedding import CROSS, GROUP_NAMES, POISONED, compute_embedding, resolve_jobs
 from backdoor_lens.stats.features import collect_features
 
 TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
@@ -33,8 +38,11 @@ def add_common_arguments(parser):
                             "or averaged over positions to C values ('avg', for very large layers)")
     group.add_argument("--pca_dim", type=int, default=50, help="PCA components kept before the embedding")
     group.add_argument("--knn", type=int, default=10, help="k of the k-NN purity of poisoned points")
-    group.add_argument("--n_jobs", type=int, default=1,
-                       help="threads for the embedding (more than the free cores slows it down)")
+    group.add_argument("--n_jobs", type=int, default=0,
+                       help="threads for the embedding; 0 or -1 (default): every core this process may use. "
+                            "t-SNE uses them all; UMAP, seeded, runs its layout optimisation on one (umap-learn "
+                            "parallelises only unseeded runs) and its exact neighbour graph and PCA on all. "
+                            "The result does not depend on the count; lower it when other jobs share the cores")
 
 
 @dataclass(frozen=True)
@@ -43,17 +51,18 @@ class Settings:
     pool: str
     pca_dim: int
     knn: int
-    n_jobs: int
+    n_jobs: int  # resolved: the threads used (never 0)
     seed: int
     options: dict = field(default_factory=dict)  # the method's own parameters (perplexity; n_neighbors, min_dist)
 
 
 def common_settings(args, method: str, **options) -> Settings:
     """The shared flags, checked, and the method's own parameters (checked by its module)."""
-    for flag, low in (("pca_dim", 1), ("knn", 1), ("n_jobs", 1)):
+    for flag, low in (("pca_dim", 1), ("knn", 1), ("n_jobs", -1)):
         if getattr(args, flag) < low:
-            raise UserError(f"--{flag} {getattr(args, flag)} must be at least {low}")
-    return Settings(method, args.pool, args.pca_dim, args.knn, args.n_jobs, args.seed, options)
+            raise UserError(f"--{flag} {getattr(args, flag)} must be at least {low}"
+                            + (" (0 or -1: every core)" if flag == "n_jobs" else ""))
+    return Settings(method, args.pool, args.pca_dim, args.knn, resolve_jobs(args.n_jobs), args.seed, options)
 
 
 @dataclass
@@ -76,6 +85,7 @@ class EmbeddingResult:
     note: str | None  # why the split differs from the one asked for, or says little
     models: dict  # {model label: ModelEmbedding}
     model_label: str  # the model under analysis (the defense's when there is one)
+    threads: int = 1  # --n_jobs as resolved
 
 
 def choose_split(ctx) -> tuple[str, str | None]:
@@ -117,7 +127,7 @@ def compute(ctx, s: Settings) -> EmbeddingResult:
     split = ctx.use_split(name)
     models = {label: embed_model(ctx, model, s) for label, model in ctx.models.items()}
     return EmbeddingResult(s.method, s.pool, split.name, len(split), ctx.record.name, list(ctx.class_names),
-                           ctx.target_class, note, models, ctx.model_label)
+                           ctx.target_class, note, models, ctx.model_label, s.n_jobs)
 
 
 # --- write -----------------------------------------------------------------------------------
@@ -170,7 +180,7 @@ def write(result: EmbeddingResult, ctx) -> dict:
     method = result.method
     if result.note:
         print(result.note)
-    summary = {"method": method, "split": result.split, "samples": result.samples}
+    summary = {"method": method, "split": result.split, "samples": result.samples, "threads": result.threads}
     details, panels = {}, []
     for label, model in result.models.items():
         emb, layer = model.emb, model.layer

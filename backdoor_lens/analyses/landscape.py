@@ -9,6 +9,14 @@ eval mode. Points are spread over MPI ranks and saved in a resumable HDF5 store:
 
     mpirun -n 4 python visual_landscape.py --result_file_attack record/<name> --x=-1:1:51 --y=-1:1:51
 
+Defaults sized for the device: a GPU evaluates 51 points (--x=-1:1:51) on 1000 samples per split;
+a CPU, left to those, would need 51,000 forward passes of 32x32 images, 7 to 13 minutes for a
+PreAct-ResNet-18 on 2 cores, so there 21 points on 500 samples (about 1.5 to 3 minutes); the run
+says so up front, and --x / --n_sub given on the command line are used as given (DEVICE_DEFAULTS).
+One grid point per pass unless --points_per_pass says otherwise: evaluating several at once through
+torch.vmap measured slower than a loop on an H200 (1.72x at 4 or 16 points per pass) and on 2 CPU
+cores (1.53x at 4); bench/bench_landscape.py measures it for another machine and model.
+
 A run stopped for any reason keeps the points it saved; the same command again computes only the
 missing ones. A point whose loss is NaN or infinite (weights that leave the network undefined, e.g.
 a BatchNorm variance moved below zero) is a result: drawn and counted as diverged, never recomputed.
@@ -30,6 +38,7 @@ import torch
 
 from backdoor_lens.analysis import Analysis
 from backdoor_lens.context import load_context
+from backdoor_lens.device import pick_device
 from backdoor_lens.errors import UserError
 from backdoor_lens.landscape.directions import DIR_TYPES, IGNORES, NORMS, DirectionSettings, base_entries
 from backdoor_lens.landscape.evaluate import GridEvaluator, load_batches
@@ -40,22 +49,23 @@ from backdoor_lens.output import check_writable_location, make_folders, remove_e
 from backdoor_lens.plot.landscape import landscape_figures, split_title
 from backdoor_lens.record.splits import SPLITS, first_available
 
-# 1000 samples: a 51 x 51 grid is 2.6 million image evaluations, a few minutes on one GPU.
-DEFAULT_N_SUB = 1000
+# The cost flags a run leaves unset, by device (see the module docstring): on a GPU 1000 samples,
+# so that even a 51 x 51 grid (2.6 million image evaluations) takes minutes; on a CPU 21 x 500.
+DEVICE_DEFAULTS = {"gpu": {"x": "-1:1:51", "n_sub": 1000}, "cpu": {"x": "-1:1:21", "n_sub": 500}}
 
 
 def add_arguments(parser):
     for action in parser._actions:
         if action.dest == "n_sub":
-            action.default = DEFAULT_N_SUB
+            action.default = None  # by device: DEVICE_DEFAULTS
             action.help = ("evaluate every grid point on a fixed stratified subset of this many samples per split "
-                           "(keeps a 51x51 grid to minutes on one GPU)")
+                           "(default 1000 on a GPU, which keeps a 51x51 grid to minutes; 500 on a CPU)")
         elif action.dest == "visual_dataset":
             action.help = ("split(s), comma-separated, e.g. clean_train,bd_train for clean and poisoned side "
                            "by side; a poisoned split the record lacks falls back to its clean one")
     group = parser.add_argument_group("loss landscape")
-    group.add_argument("--x", default="-1:1:51", help="grid along the first direction, min:max:points "
-                                                       "(write --x=-1:1:51, with '=')")
+    group.add_argument("--x", default=None, help="grid along the first direction, min:max:points (write "
+                                                   "--x=-1:1:51, with '='); default -1:1:51 on a GPU, -1:1:21 on a CPU")
     group.add_argument("--y", default=None, help="grid along the second direction, min:max:points; "
                                                   "omitted: a 1-D curve")
     group.add_argument("--dir_type", choices=DIR_TYPES, default=None,
@@ -75,9 +85,10 @@ def add_arguments(parser):
     group.add_argument("--overwrite", action="store_true",
                        help="replace a landscape store that holds other settings (a store with the same settings "
                             "is still resumed; a file that is not a landscape store is never replaced)")
-    group.add_argument("--points_per_pass", type=int, default=0,
-                       help="grid points evaluated together per batch (batched weights via torch.vmap); "
-                            "0: measured on GPUs, 1 on CPUs (where batching is not faster)")
+    group.add_argument("--points_per_pass", type=int, default=1,
+                       help="grid points evaluated together per batch (batched weights via torch.vmap); default 1: "
+                            "batching measured slower on an H200 (1.72x at 4 or 16) and on 2 CPU cores (1.53x at 4); "
+                            "bench/bench_landscape.py measures it on yours (0 is read as 1)")
     group.add_argument("--max_points", type=int, default=None,
                        help="stop after computing this many new points (the rest on a later run)")
     group.add_argument("--save_every", type=float, default=60.0, help="seconds between saves of the store")
@@ -91,9 +102,11 @@ class Settings:
     directions: DirectionSettings
     surf_file: str | None
     overwrite: bool
-    points_per_pass: int  # 0: automatic
+    points_per_pass: int
     max_points: int | None
     save_every: float
+    device_defaults: dict  # the cost flags left unset, with the values the device rule gave them
+    device_kind: str  # "cpu" or "gpu": whose defaults apply
 
 
 def parse_axis(text: str, flag: str) -> np.ndarray:
@@ -112,11 +125,34 @@ def parse_axis(text: str, flag: str) -> np.ndarray:
     return np.linspace(low, high, num)
 
 
+def apply_device_defaults(args) -> tuple[dict, str]:
+    """Give the cost flags left unset (None) this device's values (DEVICE_DEFAULTS), in `args`
+    itself, so that the context (--n_sub) and run.json see them. Returns ({flag: value} of the
+    flags filled, "cpu" or "gpu")."""
+    kind = "cpu" if pick_device(args.device).type == "cpu" else "gpu"
+    filled = {flag: value for flag, value in DEVICE_DEFAULTS[kind].items() if getattr(args, flag, None) is None}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    return filled, kind
+
+
+def device_note(filled: dict, kind: str) -> str | None:
+    """The line printed up front when a CPU's lighter defaults apply."""
+    if kind != "cpu" or not filled:
+        return None
+    shown = lambda flag, value: f"--x={value}" if flag == "x" else f"--{flag} {value}"  # noqa: E731
+    gpu = DEVICE_DEFAULTS["gpu"]
+    return (f"on a CPU: {', '.join(shown(k, v) for k, v in filled.items())} (on a GPU "
+            f"{', '.join(shown(k, gpu[k]) for k in filled)}); set {' / '.join('--' + k for k in filled)} "
+            f"for another grid or sample count")
+
+
 def settings(args) -> Settings:
+    filled, kind = apply_device_defaults(args)
     x = parse_axis(args.x, "--x")
     y = parse_axis(args.y, "--y") if args.y not in (None, "") else None
     if args.points_per_pass < 0:
-        raise UserError("--points_per_pass must be 0 (automatic) or more")
+        raise UserError("--points_per_pass must be 1 or more (0 is read as 1)")
     if args.max_points is not None and args.max_points < 1:
         raise UserError("--max_points must be at least 1")
     if args.save_every < 0:
@@ -130,7 +166,8 @@ def settings(args) -> Settings:
         xignore=args.xignore, yignore=args.yignore, same_dir=args.same_dir, seed=args.seed,
         to_second_model=args.direction_to)
     return Settings(tuple(x.tolist()), None if y is None else tuple(y.tolist()), args.visual_dataset, directions,
-                    args.surf_file, args.overwrite, args.points_per_pass, args.max_points, args.save_every)
+                    args.surf_file, args.overwrite, max(1, args.points_per_pass), args.max_points, args.save_every,
+                    filled, kind)
 
 
 # A poisoned split the record lacks falls back to the clean split of the same data.
@@ -189,19 +226,14 @@ class LandscapeResult:
     points_per_pass: int
     threads: int  # CPU threads per rank
     note: str | None  # the evaluator's note (batching fell back to the loop)
+    device_defaults: dict = None  # Settings.device_defaults
 
 
-def make_evaluator(ctx, comm, centre, base, dx, dy, data, points_per_pass: int, points: int) -> GridEvaluator:
-    """The evaluator of every rank, with one points-per-pass for all (the ranks must cut the same chunks):
-    as asked, or with 0 measured on rank 0's GPU (one per pass on a CPU, where batching is not faster)."""
+def make_evaluator(ctx, centre, base, dx, dy, data, points_per_pass: int) -> GridEvaluator:
+    """The evaluator of every rank, all with the same points per pass (the ranks must cut the same chunks)."""
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape for thousands of passes
-    evaluator = GridEvaluator(centre, base, dx, dy, data, ctx.device, points_per_pass=max(1, points_per_pass))
-    if points_per_pass == 0:
-        chosen = evaluator.choose_points_per_pass() if comm.rank == 0 and ctx.device.type == "cuda" \
-            and points > 1 else 1
-        evaluator.points_per_pass = comm.bcast(chosen, root=0)
-    return evaluator
+    return GridEvaluator(centre, base, dx, dy, data, ctx.device, points_per_pass=points_per_pass)
 
 
 def run(args) -> dict:
@@ -209,6 +241,9 @@ def run(args) -> dict:
     args.device = rank_device(comm, args.device)  # one GPU per rank, before the context picks the device
     threads = share_cpu_threads(comm)
     chosen = settings(args)
+    note = device_note(chosen.device_defaults, chosen.device_kind)
+    if note and comm.rank == 0:
+        print(note, flush=True)
     x, y = np.asarray(chosen.x), None if chosen.y is None else np.asarray(chosen.y)
     with load_context(args, "landscape", split=None) as ctx, ExitStack() as hold:
         names, notes = resolve_splits(chosen.splits, ctx.record)
@@ -238,7 +273,7 @@ def run(args) -> dict:
             return store, (dx, dy, todo[:chosen.max_points] if chosen.max_points else todo)
 
         store, (dx, dy, todo) = root_decides(comm, claim)
-        evaluator = make_evaluator(ctx, comm, centre, base, dx, dy, data, chosen.points_per_pass, len(todo))
+        evaluator = make_evaluator(ctx, centre, base, dx, dy, data, chosen.points_per_pass)
         started = time.perf_counter()
         try:
             computed = evaluate_grid(comm, evaluator, store, todo, x, y, chosen.save_every)
@@ -250,7 +285,7 @@ def run(args) -> dict:
         if comm.rank != 0:
             return {}  # rank 0 writes every output
         result = LandscapeResult(store, splits, centre_label, directions, computed, time.perf_counter() - started,
-                                 comm.size, evaluator.points_per_pass, threads, evaluator.note)
+                                 comm.size, evaluator.points_per_pass, threads, evaluator.note, chosen.device_defaults)
         return ctx.finish(write(result, ctx))
 
 
@@ -278,6 +313,7 @@ def write(result: LandscapeResult, ctx) -> dict:
         "seconds_per_point": round(seconds / computed, 5) if computed else None,  # wall, all ranks together
         "ranks": result.ranks, "points_per_pass": result.points_per_pass, "threads_per_rank": result.threads,
         "dir_type": result.directions.dir_type, "direction_to": towards, "store": str(store.path),
+        "device_defaults": result.device_defaults or {},
         "splits": per_split,
     }
     ctx.out.save_json("summary", summary)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from backdoor_lens.record.datasets import CleanData
 from backdoor_lens.errors import UserError
+from backdoor_lens.record.images import ImageStore
 
 SPLITS = ("clean_train", "bd_train", "clean_test", "bd_test", "mixed", "subset")
 POISONED_SPLITS = ("bd_train", "bd_test", "mixed", "subset")
@@ -133,21 +134,33 @@ class ImageTransform:
     mean: tuple
     std: tuple
 
-    def to_unit(self, image: np.ndarray) -> torch.Tensor:
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 H x W x C at the model's input size (PIL bilinear, as torchvision's Resize); unchanged
+        when it already has that size."""
         if image.ndim == 2:
             image = image[..., None]
-        if image.shape[:2] != tuple(self.size):
-            mode = "L" if image.shape[2] == 1 else "RGB"
-            pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode)
-            image = np.asarray(pil.resize((self.size[1], self.size[0]), Image.BILINEAR))
-            if image.ndim == 2:
-                image = image[..., None]
-        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        if x.shape[0] == 1 and self.channels == 3:
-            x = x.expand(3, -1, -1).clone()
-        elif x.shape[0] == 3 and self.channels == 1:
-            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-        return x
+        if image.shape[:2] == tuple(self.size):
+            return image
+        mode = "L" if image.shape[2] == 1 else "RGB"
+        pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+        image = np.asarray(pil.resize((self.size[1], self.size[0]), Image.BILINEAR))
+        return image[..., None] if image.ndim == 2 else image
+
+    def to_unit(self, image: np.ndarray) -> torch.Tensor:
+        """One image: uint8 H x W x C -> float C x H x W in [0, 1], at the model's size and channels."""
+        pixels = torch.from_numpy(np.array(self.resize(image), copy=True)).unsqueeze(0)
+        return self.batch(pixels, normalized=False)[0]
+
+    def batch(self, pixels: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """A batch: uint8 B x H x W x C (already at the model's size, on any device) -> float
+        B x C x H x W on the same device, in [0, 1] or normalised. The same operations, in the same
+        order, as ToTensor then Normalize on each image, so the values are identical."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        elif x.shape[1] == 3 and self.channels == 1:
+            x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        return self.normalize(x) if normalized else x
 
     def _stats(self, like: torch.Tensor):
         mean = torch.as_tensor(self.mean, dtype=like.dtype, device=like.device)
@@ -171,13 +184,14 @@ class ImageTransform:
 
 
 class Split(torch.utils.data.Dataset):
-    """Samples of one split. Per-sample arrays are public; images decode on access.
+    """Samples of one split. Per-sample arrays are public; images are decoded on first use into the
+    split's `ImageStore` (shared by the splits of one context) and served from there.
 
     image_size: the record's (H, W, C), which every poisoned PNG must have (after exact conversion).
     """
 
     def __init__(self, name: str, clean: CleanData, indices, poison, labels, original_labels, paths,
-                 transform: ImageTransform, image_size: tuple, normalized: bool = True):
+                 transform: ImageTransform, image_size: tuple, normalized: bool = True, store: ImageStore | None = None):
         self.name = name
         self.clean = clean
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -188,49 +202,88 @@ class Split(torch.utils.data.Dataset):
         self.transform = transform
         self.image_size = tuple(image_size)
         self.normalized = normalized
+        self.store = store or new_store(transform, self.image_size)
+        self._rows: np.ndarray | None = None  # row of each poisoned sample in the store, -1 for clean ones
+        self._on_device: tuple | None = None  # (device, N x H x W x C uint8) once copied there
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def poisoned_rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self.store.poisoned_rows(self.paths)
+        return self._rows
+
+    def images(self, positions) -> torch.Tensor:
+        """uint8 B x H x W x C at the model's size: the samples at `positions`, decoded once per store."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.poisoned_rows()[positions]
+        poisoned = rows >= 0
+        if len(rows) and poisoned.all():
+            return self.store.poisoned[torch.from_numpy(rows)]
+        pixels = self.store.clean_images(self.clean, self.indices[positions])
+        if poisoned.any():
+            images = self.store.poisoned[torch.from_numpy(rows[poisoned])]
+            if images.shape[-1] != pixels.shape[-1]:  # grey beside colour: both served as colour
+                pixels, images = (p.expand(*p.shape[:-1], 3) if p.shape[-1] == 1 else p for p in (pixels, images))
+                pixels = pixels.contiguous()
+            pixels[torch.from_numpy(poisoned)] = images
+        return pixels
+
+    def decoded(self, device) -> torch.Tensor:
+        """All of the split's images, uint8 N x H x W x C, on `device` (kept for the next pass)."""
+        device = torch.device(device)
+        if self._on_device is None or self._on_device[0] != device:
+            with torch.inference_mode(False):  # kept past this pass: a normal tensor (see images.py)
+                self._on_device = (device, self.images(np.arange(len(self))).to(device))
+        return self._on_device[1]
+
     def image_uint8(self, position: int) -> np.ndarray:
-        path = self.paths[position]
-        if path is None:
-            image = self.clean.image(int(self.indices[position]))
-            return image if image.ndim == 3 else image[..., None]
-        return read_poisoned_image(path, self.image_size)
+        return self.images([position])[0].numpy()
 
     def __getitem__(self, position: int):
-        image = self.image_uint8(position)
-        x = self.transform(image) if self.normalized else self.transform.to_unit(image)
+        x = self.transform.batch(self.images([position]), self.normalized)[0]
         return (x, int(self.labels[position]), int(self.original_labels[position]), int(self.poison[position]),
                 int(self.indices[position]))
 
+    def _derived(self, name, positions=None, **changes) -> "Split":
+        fields = dict(indices=self.indices, poison=self.poison, labels=self.labels,
+                      original_labels=self.original_labels, paths=self.paths)
+        if positions is not None:
+            fields = {k: (np.asarray(v)[positions] if k != "paths" else [v[p] for p in positions])
+                      for k, v in fields.items()}
+        fields.update(changes)
+        return Split(name, self.clean, fields["indices"], fields["poison"], fields["labels"],
+                     fields["original_labels"], fields["paths"], self.transform, self.image_size,
+                     changes.get("normalized", self.normalized), store=self.store)
+
     def take(self, positions, name: str | None = None) -> "Split":
-        positions = np.asarray(positions, dtype=np.int64)
-        return Split(name or self.name, self.clean, self.indices[positions], self.poison[positions],
-                     self.labels[positions], self.original_labels[positions],
-                     [self.paths[p] for p in positions], self.transform, self.image_size, self.normalized)
+        return self._derived(name or self.name, np.asarray(positions, dtype=np.int64))
 
     def clean_twin(self) -> "Split":
         """The same samples served clean (original image and label); this split is not changed."""
-        return Split(self.name + "_clean_twin", self.clean, self.indices, np.zeros(len(self), bool),
-                     self.original_labels, self.original_labels, [None] * len(self), self.transform,
-                     self.image_size, self.normalized)
+        return self._derived(self.name + "_clean_twin", poison=np.zeros(len(self), bool),
+                             labels=self.original_labels, paths=[None] * len(self))
 
     def pixels(self) -> "Split":
         """The same samples in pixel space [0, 1] instead of model input."""
-        return Split(self.name, self.clean, self.indices, self.poison, self.labels, self.original_labels,
-                     self.paths, self.transform, self.image_size, normalized=False)
+        return self._derived(self.name, normalized=False)
 
     def only_poisoned(self) -> "Split":
         return self.take(np.flatnonzero(self.poison), self.name)
 
     def batch(self, positions) -> tuple:
-        """Stack the given samples into tensors (for small hand-picked sets of images)."""
-        items = [self[int(p)] for p in positions]
-        return (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
-                torch.tensor([it[2] for it in items]), torch.tensor([it[3] for it in items]),
-                torch.tensor([it[4] for it in items]))
+        """The given samples as one batch of CPU tensors (x, label, original_label, poison, index)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return (self.transform.batch(self.images(positions), self.normalized), torch.from_numpy(self.labels[positions]),
+                torch.from_numpy(self.original_labels[positions]),
+                torch.from_numpy(self.poison[positions].astype(np.int64)), torch.from_numpy(self.indices[positions]))
+
+
+def new_store(transform: ImageTransform, image_size: tuple) -> ImageStore:
+    """An empty store for a record of image_size (H, W, C) served through `transform`."""
+    size = tuple(image_size)
+    return ImageStore(transform.resize, lambda path: transform.resize(read_poisoned_image(path, size)))
 
 
 def _clean_split(name, data: CleanData, transform, image_size) -> Split:
@@ -323,8 +376,10 @@ def kept_classes(num_classes: int, c_sub: int, target: int | None) -> np.ndarray
 
 
 def build_split(name: str, record, train: CleanData | None, test: CleanData | None, transform: ImageTransform,
-                *, n_sub=None, c_sub=None, pratio: float = 0.1, target=None, seed: int = 0) -> Split:
-    """One of SPLITS, with --c_sub then --n_sub applied."""
+                *, n_sub=None, c_sub=None, pratio: float = 0.1, target=None, seed: int = 0,
+                store: ImageStore | None = None) -> Split:
+    """One of SPLITS, with --c_sub then --n_sub applied; its images are decoded into `store` (a new
+    one when None), which a context shares between all its splits."""
     if name not in SPLITS:
         raise UserError(f"unknown --visual_dataset {name!r}; choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(seed)
@@ -355,6 +410,8 @@ def build_split(name: str, record, train: CleanData | None, test: CleanData | No
         n_sub = 5000 if n_sub is None else n_sub
     else:
         split = _mixed(data, state, transform, size, pratio, target, rng)
+    if store is not None:
+        split.store = store
     if c_sub is not None:
         if c_sub < 1:
             raise UserError(f"--c_sub {c_sub} must be at least 1")

@@ -27,7 +27,8 @@ import torch
 
 from backdoor_lens.device import progress
 from backdoor_lens.errors import UserError
-from backdoor_lens.models.layers import resolve_layers
+from backdoor_lens.models.layers import named_layers, resolve_layers
+from backdoor_lens.stats import passes
 from backdoor_lens.stats.features import FeatureHooks
 
 
@@ -88,10 +89,20 @@ class PairedActivations:
         """Poisoned minus clean mean activation per channel."""
         return self.poisoned_mean[layer] - self.clean_mean[layer]
 
+    def restricted(self, layers, per_unit: bool) -> "PairedActivations":
+        """The statistics of `layers` only (per-unit means only when asked for)."""
+        pick = lambda values: {name: values[name] for name in layers}  # noqa: E731
+        return PairedActivations(self.count, pick(self.shapes), pick(self.poisoned_mean), pick(self.clean_mean),
+                                 pick(self.tac), pick(self.poisoned_unit_mean) if per_unit else {},
+                                 pick(self.clean_unit_mean) if per_unit else {})
+
 
 def compute_paired_activations(model, poisoned_loader, clean_loader, layers, device, per_unit: bool = False,
-                               desc: str = "poisoned and clean twins") -> PairedActivations:
+                               desc: str = "poisoned and clean twins", required=None) -> PairedActivations:
     """One pass over poisoned samples and their clean twins (two loaders in the same order).
+
+    required: the layers that must run in the forward pass (default: all of `layers`); others that
+    do not run are left out of the result.
 
     Each poisoned batch is forwarded together with its clean twin batch (eval mode: samples do
     not interact), and every layer's hook reduces the pair on the spot.
@@ -126,9 +137,9 @@ def compute_paired_activations(model, poisoned_loader, clean_loader, layers, dev
             count += bp[0].shape[0]
     if count == 0:
         raise UserError("no poisoned samples to compare with their clean twins")
-    _check_fired(layers, shapes)
+    _check_fired(layers if required is None else required, shapes)
     result = PairedActivations(count=count, shapes=shapes, poisoned_mean={}, clean_mean={}, tac={})
-    for name in layers:
+    for name in (n for n in layers if n in shapes):
         s, positions = sums[name], int(np.prod(shapes[name][1:], dtype=np.int64))
         scale = 1.0 / (count * positions)
         result.poisoned_mean[name] = (s["p"] * scale).cpu().numpy()
@@ -153,9 +164,27 @@ def compare_twins(models: dict, poisoned, make_loader, layers, device, per_unit:
     for model in models.values():
         resolve_layers(model, layers)
     poisoned_loader, clean_loader = make_loader(poisoned), make_loader(poisoned.clean_twin())
-    return {label: compute_paired_activations(model, poisoned_loader, clean_loader, layers, device,
-                                              per_unit=per_unit, desc=desc)
+    return {label: paired_activations(model, poisoned_loader, clean_loader, layers, device, per_unit=per_unit,
+                                      desc=desc)
             for label, model in models.items()}
+
+
+def paired_activations(model, poisoned_loader, clean_loader, layers, device, per_unit: bool = False,
+                       desc: str = "poisoned and clean twins") -> PairedActivations:
+    """`compute_paired_activations`, answered from a shared pass when one covers it (backdoor-lens all:
+    the first request computes every Conv, BatchNorm and Linear layer, per unit, for the others)."""
+    layers = list(layers)
+    key = passes.pass_key(model, poisoned_loader)
+    if key is None:
+        return compute_paired_activations(model, poisoned_loader, clean_loader, layers, device, per_unit, desc)
+    shared = passes.active()
+    kept = shared.find("twins", key, None, layers, extent=int(per_unit))
+    if kept is None:
+        every = list(dict.fromkeys(named_layers(model) + layers))
+        kept = compute_paired_activations(model, poisoned_loader, clean_loader, every, device, True, desc,
+                                          required=layers)
+        shared.keep("twins", key, None, kept.shapes, 1, kept)
+    return kept.restricted(layers, per_unit)
 
 
 @dataclass
@@ -180,7 +209,7 @@ def rank_channels(model, poisoned_loader, clean_loader, layer: str, device, by: 
     """
     if by not in TWIN_ORDERS:
         raise ValueError(f"by must be one of {TWIN_ORDERS}, not {by!r}")
-    paired = compute_paired_activations(model, poisoned_loader, clean_loader, [layer], device, desc=f"{by} ranking")
+    paired = paired_activations(model, poisoned_loader, clean_loader, [layer], device, desc=f"{by} ranking")
     values = paired.tac[layer] if by == "tac" else paired.difference(layer)
     return ChannelRanking(by, descending(values), values)
 
@@ -213,6 +242,11 @@ class TopActivations:
     def channels(self, layer: str) -> int:
         return self.values[layer].shape[0]
 
+    def restricted(self, layers, k: int) -> "TopActivations":
+        """The first k of each list (ties are in sample order, so these are the k best), for `layers`."""
+        return TopActivations(min(k, self.count), self.count, {n: self.values[n][:, :k] for n in layers},
+                              {n: self.positions[n][:, :k] for n in layers})
+
 
 class TopKTracker:
     """Running top-k over samples for every channel: memory C x k, whatever the sample count."""
@@ -229,9 +263,11 @@ class TopKTracker:
         if self.values is not None:
             values = torch.cat([self.values, values], dim=1)
             pos = torch.cat([self.positions, pos], dim=1)
-        keep = min(self.k, values.shape[1])
-        best, order = values.topk(keep, dim=1, largest=True, sorted=True)
-        self.values, self.positions = best, pos.gather(1, order)
+        # A stable sort keeps equal scores in sample order (the kept ones come first and are earlier
+        # samples), so the list is the k best in (score descending, position ascending) order:
+        # the same whatever k and the batch size, and the first k of a longer list.
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, :self.k]
+        self.values, self.positions = values.gather(1, order), pos.gather(1, order)
 
 
 def compute_top_activations(model, loader, layers, device, k: int, reduce: str = "mean",
@@ -240,6 +276,19 @@ def compute_top_activations(model, loader, layers, device, k: int, reduce: str =
     if k < 1:
         raise ValueError("k must be at least 1")
     layers = list(layers)
+    key = passes.pass_key(model, loader)
+    if key is None:
+        return _top_activations(model, loader, layers, device, k, reduce, desc)
+    shared = passes.active()
+    kept = shared.find("top", key, reduce, layers, extent=k)
+    if kept is None:
+        every = list(dict.fromkeys(named_layers(model) + layers))
+        kept = _top_activations(model, loader, every, device, k, reduce, desc, required=layers)
+        shared.keep("top", key, reduce, kept.values, k, kept)
+    return kept.restricted(layers, k)
+
+
+def _top_activations(model, loader, layers, device, k: int, reduce: str, desc: str, required=None) -> TopActivations:
     trackers = {name: TopKTracker(k) for name in layers}
     state = {"positions": None}
 
@@ -257,10 +306,11 @@ def compute_top_activations(model, loader, layers, device, k: int, reduce: str =
             seen += size
     if seen == 0:
         raise UserError("no samples to rank")
-    _check_fired(layers, {n for n, t in trackers.items() if t.values is not None})
+    fired = {n: t for n, t in trackers.items() if t.values is not None}
+    _check_fired(layers if required is None else required, fired)
     return TopActivations(k=min(k, seen), count=seen,
-                          values={n: t.values.cpu().numpy() for n, t in trackers.items()},
-                          positions={n: t.positions.cpu().numpy() for n, t in trackers.items()})
+                          values={n: t.values.cpu().numpy() for n, t in fired.items()},
+                          positions={n: t.positions.cpu().numpy() for n, t in fired.items()})
 
 
 # --- class make-up of the top-k ------------------------------------------------------------------

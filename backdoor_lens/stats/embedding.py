@@ -19,9 +19,23 @@ Separability, measured both in the 2-D embedding and in the PCA'd features:
     k-NN purity: the mean over poisoned x of |{j in kNN(x): j poisoned}| / k, the neighbours taken
         among all other samples. Chance level, for poisoned points scattered at random, is
         (P - 1) / (N - 1) for P poisoned samples of N.
+
+Threads and reproducibility. Both embeddings are seeded, and their results must not depend on the
+machine, so the neighbour searches are exact (scikit-learn's brute force, which `n_jobs` threads
+share and whose answer does not depend on their number); approximate searches (Annoy, NN-descent)
+answer differently with another thread count. t-SNE: openTSNE spreads the neighbour search and
+every gradient step over `n_jobs` threads (its Barnes-Hut and FFT gradients give the same numbers
+for any count). UMAP: umap-learn runs single-threaded whenever it is seeded (it overrides n_jobs
+to 1 under random_state, as its parallel layout is not reproducible), so only the neighbour graph
+we hand it (`precomputed_knn`) and the PCA before it use several cores; the layout optimisation,
+most of UMAP's time, stays on one. umap-learn also compiles its numba functions in every new
+process (about 20 s on 2 cores): `import_umap` has numba keep them on disk (NUMBA_CACHE_DIR, see
+`numba_cache_dir`), so that the compilation happens once per environment.
 """
 from dataclasses import dataclass, field
 import os
+from pathlib import Path
+import sys
 import warnings
 
 import numpy as np
@@ -69,34 +83,131 @@ def reduce_pca(features: np.ndarray, pca_dim: int = 50, seed: int = 0) -> tuple[
     return projected.astype(np.float32), float(pca.explained_variance_ratio_.sum())
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a scheduler's share), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(n_jobs: int | None) -> int:
+    """Threads for the embedding: n_jobs <= 0 or None means every available core; more than those
+    are not used (they would only take turns)."""
+    cores = available_cores()
+    return cores if n_jobs is None or n_jobs <= 0 else min(int(n_jobs), cores)
+
+
+def numba_cache_dir() -> Path | None:
+    """The folder numba keeps compiled code in: NUMBA_CACHE_DIR when set; else, in a virtual
+    environment, <venv>/var/cache/numba (the code belongs to that environment's packages); else
+    $XDG_CACHE_HOME/backdoor_lens/numba (~/.cache by default). None when it cannot be written."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        candidates = [Path(os.environ["NUMBA_CACHE_DIR"]).expanduser()]
+    else:
+        user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "backdoor_lens" / "numba"
+        venv = [Path(sys.prefix) / "var" / "cache" / "numba"] if sys.prefix != sys.base_prefix else []
+        candidates = venv + [user]
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return None
+
+
+def import_umap():
+    """umap-learn, its numba functions compiled once per environment instead of once per process.
+
+    umap-learn declares its functions without numba's on-disk cache (pynndescent, which it imports,
+    has it for most of its own): each new process spent about 20 s compiling them on 2 cores before
+    the first embedding. While umap is first imported, numba.njit defaults to cache=True, with the
+    cache in `numba_cache_dir()`; numba's own checks (source file and its time stamp, numba and
+    Python versions) keep a stale entry from being used. A function numba cannot cache is compiled
+    as before (numba warns, embed_umap silences it). Without a writable folder nothing changes.
+    """
+    if "umap" in sys.modules:
+        return sys.modules["umap"]
+    folder = numba_cache_dir()
+    if folder is None:
+        import umap
+        return umap
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)  # for child processes too
+    import numba
+
+    numba.config.CACHE_DIR = str(folder)  # numba read its environment when it was first imported
+    original = numba.njit
+
+    def njit(*args, **kwargs):
+        kwargs.setdefault("cache", True)
+        return original(*args, **kwargs)
+
+    numba.njit = njit
+    try:
+        import umap
+    finally:
+        numba.njit = original
+    return umap
+
+
+def exact_neighbours(points: np.ndarray, k: int, n_jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances), N x k: each point itself first (distance 0), then its k - 1 nearest
+    other points by Euclidean distance, nearest first: the neighbour graph umap-learn builds,
+    computed exactly. Brute force over n_jobs threads; the answer does not depend on their number."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(points)
+    own = np.arange(n)[:, None]
+    if k <= 1:
+        return own.astype(np.int32), np.zeros((n, 1), dtype=np.float32)
+    search = NearestNeighbors(n_neighbors=k - 1, algorithm="brute", n_jobs=n_jobs).fit(points)
+    # kneighbors() without X leaves each point out of its own list, even among duplicates.
+    distances, indices = search.kneighbors()
+    indices = np.hstack([own, indices]).astype(np.int32)
+    distances = np.hstack([np.zeros((n, 1)), distances]).astype(np.float32)
+    return np.ascontiguousarray(indices), np.ascontiguousarray(distances)
+
+
 def embed_tsne(points: np.ndarray, seed: int = 0, perplexity: float = 30.0, n_jobs: int = 1) -> np.ndarray:
-    """openTSNE with PCA initialisation; perplexity capped at (N - 1) / 3, as the method needs."""
+    """openTSNE with PCA initialisation; perplexity capped at (N - 1) / 3, as the method needs.
+
+    Exact neighbours: with Annoy (openTSNE's choice from 1000 points) the result changed with the
+    thread count; exact ones give the same embedding on any number of threads (module docstring)."""
     from openTSNE import TSNE
 
     n = len(points)
     perplexity = float(min(perplexity, max(1.0, (n - 1) / 3.0)))
     # Barnes-Hut is faster than the FFT interpolation below ~10k points (openTSNE's own advice).
     method = "bh" if n < 10_000 else "fft"
-    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, n_jobs=n_jobs,
-                negative_gradient_method=method, initialization="pca" if n > 2 else "random", verbose=False)
+    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, n_jobs=resolve_jobs(n_jobs),
+                neighbors="exact", negative_gradient_method=method, initialization="pca" if n > 2 else "random",
+                verbose=False)
     return np.asarray(tsne.fit(np.ascontiguousarray(points, dtype=np.float64)), dtype=np.float64)
 
 
 def embed_umap(points: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
                n_jobs: int = 1) -> np.ndarray:
-    """umap-learn; n_neighbors capped at N - 1; random initialisation when the graph is too small
-    for the spectral one."""
-    import umap
-
+    """umap-learn on the exact neighbour graph (n_jobs threads compute it; seeded, umap itself runs
+    on one, see the module docstring); n_neighbors capped at N - 1; random initialisation when the
+    graph is too small for the spectral one."""
+    umap = import_umap()
     n = len(points)
+    points = np.ascontiguousarray(points, dtype=np.float32)
     n_neighbors = int(max(2, min(n_neighbors, n - 1)))
     init = "spectral" if n > n_neighbors + 2 else "random"
+    # Below 4096 points umap-learn would compute the same exact graph from all pairwise distances;
+    # above, its NN-descent is approximate and compiles for a minute in every process (numba
+    # cannot cache it).
+    indices, distances = exact_neighbours(points, n_neighbors, resolve_jobs(n_jobs))
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
-                        init=init, n_jobs=n_jobs)
+                        init=init, n_jobs=1, precomputed_knn=(indices, distances, None))
     with warnings.catch_warnings():
-        # "n_jobs overridden by random_state" and small-graph notices: expected, reproducibility wins.
+        # No search index for transform() (not used), functions numba cannot cache, small-graph
+        # notices: expected.
         warnings.simplefilter("ignore")
-        return np.asarray(reducer.fit_transform(np.ascontiguousarray(points, dtype=np.float32)), dtype=np.float64)
+        return np.asarray(reducer.fit_transform(points), dtype=np.float64)
 
 
 def knn_purity(points: np.ndarray, members, k: int = 10) -> tuple[float | None, float | None, int]:
@@ -166,7 +277,7 @@ class Embedding:
 
 
 def compute_embedding(features: np.ndarray, labels, original_labels, poison, target: int | None,
-                      method: str = "tsne", pca_dim: int = 50, k: int = 10, seed: int = 0, n_jobs: int = 1,
+                      method: str = "tsne", pca_dim: int = 50, k: int = 10, seed: int = 0, n_jobs: int = 0,
                       perplexity: float = 30.0, n_neighbors: int = 15, min_dist: float = 0.1) -> Embedding:
     """Features -> PCA -> 2-D embedding, with the separability of poisoned samples in both spaces."""
     if method not in METHODS:
@@ -175,7 +286,7 @@ def compute_embedding(features: np.ndarray, labels, original_labels, poison, tar
     if n < MIN_SAMPLES:
         raise UserError(f"{method} needs at least {MIN_SAMPLES} samples, the split has {n}; raise --n_sub "
                         f"or choose a larger split")
-    n_jobs = max(1, min(int(n_jobs), os.cpu_count() or 1))
+    n_jobs = resolve_jobs(n_jobs)
     groups = sample_groups(labels, original_labels, poison, target)
     reduced, explained = reduce_pca(features, pca_dim, seed)
     if explained == 0.0:

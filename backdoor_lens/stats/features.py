@@ -11,6 +11,7 @@ import torch
 from backdoor_lens.device import progress
 from backdoor_lens.errors import UserError
 from backdoor_lens.models.layers import get_layer
+from backdoor_lens.stats import passes
 
 
 class FeatureHooks:
@@ -98,6 +99,19 @@ def collect_features(model, loader, layer: str, device, how: str = "flatten", de
     Returns (features N x D float32 numpy, labels, original_labels, poison, indices, predictions).
     Memory is N x D: use `how='avg'` or --n_sub for large layers.
     """
+    key = passes.pass_key(model, loader)
+    if key is not None:
+        kept = passes.active().find("features", key, (layer, how), [layer])
+        if kept is not None:
+            return tuple(np.array(part, copy=True) for part in kept)
+    result = _collect_features(model, loader, layer, device, how, desc)
+    if key is not None:
+        passes.active().keep("features", key, (layer, how), [layer], 0, result, size_bytes=result[0].nbytes)
+        result = tuple(np.array(part, copy=True) for part in result)
+    return result
+
+
+def _collect_features(model, loader, layer: str, device, how: str, desc: str):
     feats, labels, originals, poisons, indices, preds = [], [], [], [], [], []
     for (x, y, y0, p, idx), outputs in iterate(model, loader, [layer], device, desc):
         feats.append(pooled(outputs[layer], how).float().cpu())

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from tests.bb_fixture import load_raw, make_bb_root, make_record_kind, write_defense
-from backdoor_lens.stats.embedding import (CLEAN, CROSS, POISONED, compute_embedding, knn_purity, reduce_pca, sample_groups,
-                             separability, silhouette)
+from backdoor_lens.stats.embedding import (CLEAN, CROSS, POISONED, available_cores, compute_embedding, exact_neighbours,
+                             knn_purity, numba_cache_dir, reduce_pca, resolve_jobs, sample_groups, separability,
+                             silhouette)
 from backdoor_lens.errors import UserError
 from backdoor_lens.models import PreActResNet18
 from tests.helpers import run_in_process as run_analysis_in_process
@@ -178,6 +179,51 @@ def test_too_few_samples_or_a_dead_layer_is_a_clear_error():
         compute_embedding(np.ones((20, 30)), [0] * 20, [0] * 20, [False] * 20, 0)
 
 
+# --- threads -------------------------------------------------------------------------------------
+
+def test_exact_neighbours_match_brute_force_with_each_point_first():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(40, 6)).astype(np.float32)
+    points[7] = points[3]  # a duplicate: each of the two must still come first in its own list
+    indices, dists = exact_neighbours(points, 5, n_jobs=2)
+    d = distances(points.astype(np.float64))
+    assert indices.shape == dists.shape == (40, 5)
+    assert (indices[:, 0] == np.arange(40)).all() and (dists[:, 0] == 0).all()
+    for i in range(40):
+        others = np.delete(np.arange(40), i)
+        expected = np.sort(d[i, others])[:4]
+        np.testing.assert_allclose(dists[i, 1:], expected, rtol=1e-5, atol=1e-6)
+        assert i not in indices[i, 1:]
+        np.testing.assert_allclose(d[i, indices[i, 1:]], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, n_clean", [("tsne", 960), ("umap", 270)])
+def test_embedding_does_not_depend_on_the_thread_count(method, n_clean):
+    """Seeded and with exact neighbours, one thread and two give the same coordinates (with Annoy,
+    openTSNE's choice from 1000 points, they did not: hence 1050 points for t-SNE)."""
+    points, is_poison = blobs(np.random.default_rng(8), n_clean=n_clean, n_poison=n_clean // 10 - 6, dims=20, gap=6.0)
+    labels, original = np.zeros(len(points), int), np.where(is_poison, 3, 0)
+    one = compute_embedding(points, labels, original, is_poison, target=0, method=method, n_jobs=1)
+    two = compute_embedding(points, labels, original, is_poison, target=0, method=method, n_jobs=2)
+    np.testing.assert_array_equal(one.coords, two.coords)
+
+
+def test_n_jobs_zero_or_minus_one_is_every_core(tmp_path, monkeypatch):
+    cores = available_cores()
+    assert resolve_jobs(0) == resolve_jobs(-1) == resolve_jobs(None) == cores
+    assert resolve_jobs(1) == 1 and resolve_jobs(10 ** 6) == cores
+    # numba's cache: NUMBA_CACHE_DIR when set, else in the virtual environment, else the user's cache.
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
+    assert numba_cache_dir() == tmp_path / "given" and (tmp_path / "given").is_dir()
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr("sys.base_prefix", "/usr")
+    assert numba_cache_dir() == tmp_path / "venv" / "var" / "cache" / "numba"
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path / "venv"))  # no virtual environment
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert numba_cache_dir() == tmp_path / "xdg" / "backdoor_lens" / "numba"
+
+
 # --- the scripts on miniature records ------------------------------------------------------------
 
 def read_csv(path):
@@ -268,6 +314,8 @@ def test_umap_on_a_stratified_subsample(bb, tmp_path, capsys):
     report = json.loads((out / "umap" / "umap_separability.json").read_text())["models"]["attack"]
     assert report["layer"] == "layer3.1.conv2" and report["feature_dim"] == 256  # channels, averaged
     check_against_csv_coordinates(rows, report["embedding"], bb.target, k=10)
+    # --n_jobs left at 0: every core this process may use.
+    assert json.loads((out / "umap" / "summary.json").read_text())["threads"] == available_cores()
 
 
 def test_defense_is_embedded_beside_the_attack(bb, tmp_path, capsys):
@@ -324,6 +372,10 @@ def test_bad_embedding_flag_is_one_line_and_leaves_nothing(bb, tmp_path, capsys,
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--pca_dim 0 must be at least 1" in lines[0]
+    assert not out.exists() or not any(out.rglob("*"))
+    code, _, stderr = run_in_process(script, ["--result_file_attack", bb.record_dir, "--output_dir", out, "--quiet",
+                                              "--n_jobs", "-2"], capsys)
+    assert code == 2 and "--n_jobs -2 must be at least -1 (0 or -1: every core)" in stderr
     assert not out.exists() or not any(out.rglob("*"))
 
 

@@ -227,8 +227,6 @@ def test_batched_points_equal_one_point_per_pass():
     batched = GridEvaluator(net, base, dx, dy, {"s": batches}, "cpu", points_per_pass=3)
     result = batched(coords)["s"]
     assert batched.note == ""
-    assert batched.choose_points_per_pass((1, 2)) in (1, 2)  # measured; either way the numbers stay
-    np.testing.assert_allclose(batched(coords)["s"][0], loop[0], rtol=1e-5)
     np.testing.assert_allclose(result[0], loop[0], rtol=1e-5)
     np.testing.assert_allclose(result[1], loop[1])
     # Point (0.5, -0.25) is the model with those weights, built by hand.
@@ -499,3 +497,46 @@ def test_defense_that_breaks_batchnorm_gives_a_diverged_point(record_copy, tmp_p
     assert [r["status"] for r in rows] == ["diverged", "computed", "computed"]
     assert "3 of 3 points, 1 diverged" in result.stdout
     assert (out / "landscape" / "landscape_curve.png").stat().st_size > 0
+
+
+# --- defaults sized for the device ----------------------------------------------------------------
+
+def test_cpu_defaults_are_lighter_and_given_flags_win(bb, tmp_path, monkeypatch, capsys):
+    from backdoor_lens.analyses import landscape as module
+
+    common = dict(default_split="bd_train", result_file_attack=str(bb.record_dir), quiet=True)
+    args = make_args(module.add_arguments, device="cpu", **common)
+    s = module.settings(args)
+    assert len(s.x) == 21 and (s.x[0], s.x[-1]) == (-1.0, 1.0) and args.n_sub == 500 and s.points_per_pass == 1
+    assert s.device_defaults == {"x": "-1:1:21", "n_sub": 500}
+    assert module.device_note(s.device_defaults, s.device_kind) == (
+        "on a CPU: --x=-1:1:21, --n_sub 500 (on a GPU --x=-1:1:51, --n_sub 1000); set --x / --n_sub for another grid "
+        "or sample count")
+    args = make_args(module.add_arguments, device="cpu", x="-2:2:5", n_sub=7, **common)
+    s = module.settings(args)
+    assert s.x == (-2.0, -1.0, 0.0, 1.0, 2.0) and args.n_sub == 7 and s.device_defaults == {}
+    assert module.device_note(s.device_defaults, s.device_kind) is None
+    monkeypatch.setattr(module, "pick_device", lambda requested=None: torch.device("cuda"))
+    args = make_args(module.add_arguments, device="auto", **common)
+    s = module.settings(args)
+    assert len(s.x) == 51 and args.n_sub == 1000 and s.points_per_pass == 1  # as before, one point per pass
+    assert module.device_note(s.device_defaults, s.device_kind) is None
+    # 0, once "measure on a GPU", is read as one point per pass.
+    assert module.settings(make_args(module.add_arguments, device="auto", points_per_pass=0, **common)).points_per_pass == 1
+
+
+def test_cpu_run_says_what_it_chose_and_records_it(bb, tmp_path):
+    result = landscape("--result_file_attack", bb.record_dir, "--output_dir", tmp_path, "--visual_dataset", "bd_test",
+                       "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("on a CPU: --x=-1:1:21, --n_sub 500")
+    summary = json.loads((tmp_path / "landscape" / "summary.json").read_text())
+    assert summary["grid"] == [21] and summary["complete"] and summary["points_per_pass"] == 1
+    assert summary["device_defaults"] == {"x": "-1:1:21", "n_sub": 500}
+    rows = read_csv(tmp_path / "landscape" / "landscape_grid.csv")
+    assert [float(r["x"]) for r in rows] == pytest.approx(np.linspace(-1, 1, 21).tolist())
+    # The split has fewer samples than 500: all of them.
+    samples = read_csv(tmp_path / "landscape" / "landscape_samples.csv")
+    run = json.loads((tmp_path / "landscape" / "run.json").read_text())
+    assert len(samples) == run["samples"] == len(bb.test_poison)
+    assert run["arguments"]["x"] == "-1:1:21" and run["arguments"]["n_sub"] == 500

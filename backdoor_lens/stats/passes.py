@@ -1,0 +1,89 @@
+"""Forward passes shared between the analyses of one process (`backdoor-lens all`).
+
+Under `backdoor-lens all`, tac, na, fm, act, actdist, fv, t-SNE and UMAP ask for statistics of
+the same model over the same images. While a `SharedPasses` is active, the first request for a
+(model weights, images, batch size) pass computes its statistics for every Conv, BatchNorm and
+Linear layer at once (and every layer it was asked for), and later requests that it covers are
+answered from it without a forward pass: one pass per split serves every analysis.
+
+The statistics kept are the reductions the analyses use (running sums, per-channel top-k, and
+the features an embedding reads), so numbers are identical to a run of the analysis alone:
+
+- a hook on more layers does not change any layer's output, and each layer's sums are its own;
+- top-k lists keep ties in sample order (a stable sort), so the k best of the K >= k kept are
+  exactly the k best of the split, whatever K and the batch size.
+
+Outside `backdoor-lens all` nothing is active and every request runs its own pass. A model takes
+part only when `load_context` marked it with the record it came from (`mark_weights`).
+"""
+import hashlib
+from contextlib import contextmanager
+
+import numpy as np
+
+_ACTIVE = None
+WEIGHTS_ATTRIBUTE = "backdoor_lens_weights"
+
+
+def mark_weights(model, label: str, source: str):
+    """Mark a model loaded, unchanged, from `source` (its passes may be shared); returns the model."""
+    setattr(model, WEIGHTS_ATTRIBUTE, (label, source))
+    return model
+
+
+def active():
+    return _ACTIVE
+
+
+@contextmanager
+def sharing(budget_bytes: int = 2 * 2**30):
+    """Share passes between everything run inside the block."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, SharedPasses(budget_bytes)
+    try:
+        yield _ACTIVE
+    finally:
+        _ACTIVE = previous
+
+
+def images_key(split, batch_size: int) -> str:
+    """What a pass over `split` in batches of `batch_size` sees: the same key, the same inputs in the
+    same batches (sample indices, poisoned image files, pixel or model space, the image store)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(split.indices).tobytes())
+    digest.update("\0".join("" if p is None else str(p) for p in split.paths).encode())
+    digest.update(f"|{split.normalized}|{id(split.store)}|{id(split.clean)}|{int(batch_size)}".encode())
+    return digest.hexdigest()
+
+
+def pass_key(model, loader) -> tuple | None:
+    """The key of a pass of `model` over `loader`, or None when it cannot be shared."""
+    weights = getattr(model, WEIGHTS_ATTRIBUTE, None)
+    split = getattr(loader, "split", None)
+    if _ACTIVE is None or weights is None or split is None or getattr(loader, "shuffle", False):
+        return None
+    return weights, images_key(split, loader.batch_size)
+
+
+class SharedPasses:
+    """The kept statistics, by kind and pass key; the largest ones (features) within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: dict = {}  # (kind, pass key, option) -> (layers frozenset, extent, value)
+        self.passes_run = 0  # forward passes computed here (for tests and benchmarks)
+        self.passes_saved = 0  # requests answered without a pass
+
+    def find(self, kind: str, key, option, layers, extent=0):
+        """A kept value covering `layers` (and `extent`: per-unit sums, top-k depth), or None."""
+        entry = self.entries.get((kind, key, option))
+        if entry is not None and set(layers) <= entry[0] and extent <= entry[1]:
+            self.passes_saved += 1
+            return entry[2]
+        return None
+
+    def keep(self, kind: str, key, option, layers, extent, value, size_bytes: int = 0):
+        self.passes_run += 1
+        if size_bytes > self.budget_bytes:
+            return
+        self.entries[(kind, key, option)] = (frozenset(layers), extent, value)

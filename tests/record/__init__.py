@@ -1,0 +1,1 @@
+"""Tests of backdoor_lens.record."""
