@@ -39,7 +39,6 @@ class Context:
     images: ImageStore | None = None  # every image this context decodes, decoded once
     split: Split | None = None
     started: float = field(default_factory=time.time)
-    _clean_data: dict = field(default_factory=dict)
     _class_names: tuple | None = None
     _previous_sigterm: tuple | None = None  # (handler,) while this context handles SIGTERM
 
@@ -81,13 +80,8 @@ class Context:
         return self._class_names
 
     def clean_data(self, train: bool):
-        """The clean training or test set, read once per context (once per process under `all`)."""
-        root = self.record.dataset_root(self.args.dataset_path)
-        key = (self.record.dataset, str(root), train)
-        if key not in self._clean_data:
-            self._clean_data[key] = remembered("clean", key,
-                                               lambda: open_clean_dataset(self.record.dataset, root, train))
-        return self._clean_data[key]
+        """The clean training or test set (open_clean_dataset reads each once per process)."""
+        return open_clean_dataset(self.record.dataset, self.record.dataset_root(self.args.dataset_path), train)
 
     def get_split(self, name: str, n_sub=None, c_sub=None, seed=None) -> Split:
         needs_train = name in ("clean_train", "bd_train", "subset")
@@ -214,8 +208,8 @@ def load_zoo_model(name: str, num_classes: int, state_dict: dict, channels: int,
 
 class Session:
     """What one process keeps between the analyses it runs (`backdoor-lens all`): records and defenses
-    as loaded, clean datasets as read, decoded images; the shared forward passes live in
-    `stats.passes`. Models are built afresh for each analysis from the kept weights, so that
+    as loaded and decoded images (clean datasets are kept by open_clean_dataset); the shared
+    forward passes live in `stats.passes`. Models are built afresh for each analysis from the kept weights, so that
     nothing one analysis does to its model reaches the next."""
 
     def __init__(self):

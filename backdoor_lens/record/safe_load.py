@@ -77,11 +77,12 @@ def check_file(path: Path, what: str) -> Path:
     return path
 
 
-def safe_torch_load(path: Path, trust: bool = False, what: str = "file"):
-    """torch.load with the allow-list; UserError on anything unreadable or not allowed."""
+def safe_torch_load(path: Path, trust_record: bool = False, what: str = "file"):
+    """torch.load with the allow-list; UserError on anything unreadable or not allowed.
+    trust_record: only True when the user typed --trust_record (the one unsafe path)."""
     path = check_file(path, what)
     try:
-        if trust:
+        if trust_record is True:  # --trust_record on the command line, never a YAML or a default
             warn_trusted(path)
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
@@ -90,7 +91,7 @@ def safe_torch_load(path: Path, trust: bool = False, what: str = "file"):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         match = _REFUSED_RE.search(str(error))
-        if match and not trust:
+        if match and trust_record is not True:
             name = next(group for group in match.groups() if group)
             raise UserError(f"{what} {path} needs the global {name}, which is not on the allow-list of numpy and "
                             f"torch types; {TRUST_RISK}") from None
@@ -142,7 +143,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return found
 
 
-def restricted_unpickle(path: Path, what: str, trust: bool = False):
+def restricted_unpickle(path: Path, what: str, trust_record: bool = False):
     """A plain pickle holding only containers, strings, bytes, numbers and numpy arrays.
 
     Python 2 strings (the official CIFAR files) are read as latin1, as torchvision does, so their
@@ -151,7 +152,7 @@ def restricted_unpickle(path: Path, what: str, trust: bool = False):
     path = check_file(path, what)
     try:
         with open(path, "rb") as handle:
-            if trust:
+            if trust_record is True:  # --trust_record on the command line, never a YAML or a default
                 warn_trusted(path)
                 return pickle.load(handle, encoding="latin1")
             return RestrictedUnpickler(handle, encoding="latin1").load()

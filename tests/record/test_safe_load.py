@@ -68,7 +68,7 @@ def test_trust_record_allows_other_globals(tmp_path):
     torch.save({"model": {}, "when": __import__("datetime").date(2024, 1, 2)}, path)
     with pytest.raises(UserError, match="datetime"):
         safe_torch_load(path)
-    assert safe_torch_load(path, trust=True)["when"].year == 2024
+    assert safe_torch_load(path, trust_record=True)["when"].year == 2024
 
 
 def test_missing_file(tmp_path):
