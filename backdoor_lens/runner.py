@@ -5,11 +5,11 @@
 
 The analyses run one after another in this process, each with its declared demo arguments, as its
 command line would run it, sharing what does not change between them: the record and defense as
-loaded, the clean data as read, every image decoded once, and the forward passes of
-`stats.passes` (one pass per split feeds tac, na, fm, act, actdist, fv, t-SNE and UMAP). Each
-analysis still builds its own models from the weights, so nothing one does to its model reaches
-the next, and its numbers are those of a run alone. A failing analysis is reported and the others
-go on; the run ends with a summary and exit 1 when any failed.
+loaded, the clean data as read, every image decoded once, and the forward passes of `stats.passes`
+(one pass per split feeds tac, na, fm, act, actdist, fv, t-SNE, UMAP, metric, cm and detect). Each
+analysis still builds its own models from the weights, so nothing one does to its model reaches the
+next, and its numbers are those of a run alone. A failing analysis is reported and the others go on;
+the run ends with a summary and exit 1 when any failed.
 
 --processes runs each analysis as its own process instead (`python -m backdoor_lens <name>`, under
 mpirun with its declared ranks), as the scripts did before: the baseline of bench/bench_suite.py.

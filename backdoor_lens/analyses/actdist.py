@@ -107,4 +107,5 @@ ANALYSIS = Analysis(
     shows="the class make-up of each channel's top-activating images, layer by layer",
     compute=compute, write=write, settings=flag_settings(Settings), add_arguments=add_arguments,
     splits=("bd_train", "mixed", "clean_test"), default_split="auto",
-    demo_args=("--n_sub", "900"), quick_args=("--n_sub", "24", "--layers", "layer4.1.conv2,linear"))
+    # The demo reads all of bd_train, as act does: one shared pass serves both.
+    quick_args=("--n_sub", "24", "--layers", "layer4.1.conv2,linear"))

@@ -26,3 +26,11 @@ def resolve_layers(model: nn.Module, names) -> list[str]:
     for name in names:
         get_layer(model, name)
     return list(names)
+
+
+def penultimate_layer(model: nn.Module) -> str:
+    """The last Linear layer, whose input is the penultimate representation."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise UserError("the model has no Linear layer, so no penultimate layer; name one with --target_layer_name")
+    return linears[-1]

@@ -27,7 +27,7 @@ import torch
 
 from backdoor_lens.device import progress
 from backdoor_lens.errors import UserError
-from backdoor_lens.models.layers import named_layers, resolve_layers
+from backdoor_lens.models.layers import named_layers, penultimate_layer, resolve_layers
 from backdoor_lens.stats import passes
 from backdoor_lens.stats.features import FeatureHooks
 
@@ -248,26 +248,80 @@ class TopActivations:
                               {n: self.positions[n][:, :k] for n in layers})
 
 
+# The tracker ranks by one int64 key per (channel, sample) instead of a stable sort of (score,
+# position): the score's float32 bits mapped to an order-preserving int32 in the high half, the
+# complement of the position in the low half. Keys are unique, so `topk` (a partial selection,
+# O(n) per row) returns exactly the k best in (score descending, position ascending) order, the
+# order a stable descending sort gives. A stable sort of k + B columns per batch cost as much as
+# the forward pass itself on a CPU when k is the poisoned count (thousands).
+_LOW = (1 << 32) - 1
+
+
+def _order_keys(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """C x B int64 keys: larger key = larger score, then earlier position."""
+    values = values.float() + 0.0  # -0.0 + 0.0 is +0.0: the two zeros tie, as they compare equal
+    values = torch.where(values.isnan(), torch.full_like(values, float("nan")), values)  # one NaN
+    bits = values.view(torch.int32)
+    # Negative floats order backwards by their bits: flipping the 31 low bits fixes that.
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << 32) | (_LOW - positions.to(values.device, torch.int64)).unsqueeze(0)
+
+
+def _decode_keys(keys: torch.Tensor) -> tuple:
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), _LOW - (keys & _LOW)
+
+
 class TopKTracker:
-    """Running top-k over samples for every channel: memory C x k, whatever the sample count."""
+    """Running top-k over samples for every channel: memory C x 2k at most, whatever the sample count.
+
+    Ties are kept in sample order, so the list is the k best in (score descending, position
+    ascending) order: the same whatever k and the batch size, and the first k of a longer list.
+    Batches wait in a buffer until it holds k columns, so each selection is amortised over at
+    least k new samples.
+    """
 
     def __init__(self, k: int):
         self.k = k
-        self.values = None  # C x k' (k' <= k), float32
-        self.positions = None  # C x k', int64
+        self._kept = None  # C x k' int64 keys (k' <= k), unordered
+        self._waiting = []
+        self._waiting_columns = 0
+        self._final = None
 
     def update(self, scores: torch.Tensor, positions: torch.Tensor):
-        """scores: B x C; positions: B (the samples' positions)."""
-        values = scores.t()
-        pos = positions.to(values.device).unsqueeze(0).expand_as(values)
-        if self.values is not None:
-            values = torch.cat([self.values, values], dim=1)
-            pos = torch.cat([self.positions, pos], dim=1)
-        # A stable sort keeps equal scores in sample order (the kept ones come first and are earlier
-        # samples), so the list is the k best in (score descending, position ascending) order:
-        # the same whatever k and the batch size, and the first k of a longer list.
-        order = values.sort(dim=1, descending=True, stable=True).indices[:, :self.k]
-        self.values, self.positions = values.gather(1, order), pos.gather(1, order)
+        """scores: B x C; positions: B (the samples' positions, below 2**32)."""
+        self._waiting.append(_order_keys(scores.t(), positions))
+        self._waiting_columns += scores.shape[0]
+        self._final = None
+        if self._waiting_columns >= max(self.k, 256):
+            self._select()
+
+    def _select(self):
+        keys = torch.cat(([self._kept] if self._kept is not None else []) + self._waiting, dim=1)
+        self._kept = keys.topk(self.k, dim=1, sorted=False).values if keys.shape[1] > self.k else keys
+        self._waiting, self._waiting_columns = [], 0
+
+    def _finish(self):
+        if self._final is None:
+            if self._waiting:
+                self._select()
+            if self._kept is None:
+                return None
+            self._final = _decode_keys(self._kept.sort(dim=1, descending=True).values)
+        return self._final
+
+    @property
+    def values(self):
+        """C x k' float32 scores, descending (None before the first update)."""
+        final = self._finish()
+        return None if final is None else final[0]
+
+    @property
+    def positions(self):
+        """C x k' int64 positions of those scores' samples."""
+        final = self._finish()
+        return None if final is None else final[1]
 
 
 def compute_top_activations(model, loader, layers, device, k: int, reduce: str = "mean",
@@ -279,16 +333,58 @@ def compute_top_activations(model, loader, layers, device, k: int, reduce: str =
     key = passes.pass_key(model, loader)
     if key is None:
         return _top_activations(model, loader, layers, device, k, reduce, desc)
-    shared = passes.active()
-    kept = shared.find("top", key, reduce, layers, extent=k)
+    kept = passes.active().find("top", key, reduce, layers, extent=k)
     if kept is None:
-        every = list(dict.fromkeys(named_layers(model) + layers))
-        kept = _top_activations(model, loader, every, device, k, reduce, desc, required=layers)
-        shared.keep("top", key, reduce, kept.values, k, kept)
+        kept, _ = split_pass(model, loader, device, layers, k, reduce, desc)
     return kept.restricted(layers, k)
 
 
-def _top_activations(model, loader, layers, device, k: int, reduce: str, desc: str, required=None) -> TopActivations:
+@dataclass
+class PassOutputs:
+    """What a shared split pass saw besides the top-k lists, batch by batch as the model produced
+    it: the logits (on the device, as a separate pass would have them), the input of the last
+    Linear layer (the penultimate representation, float32 on the CPU; None without a Linear
+    layer) and each batch's labels, original labels, poison flags and indices."""
+
+    penultimate_layer: str | None
+    logits: list = field(default_factory=list)
+    penultimate: list = field(default_factory=list)
+    rest: list = field(default_factory=list)
+
+
+def split_pass(model, loader, device, layers=(), k: int = 1, reduce: str = "mean", desc: str = "shared pass"):
+    """Under `passes.sharing()`: the one pass over a split that answers every analysis asking for
+    its top-k lists (act, actdist), its predictions (metric, cm) or its penultimate features and
+    predictions (detect), whichever asks first. Computes the top-k lists of every Conv, BatchNorm
+    and Linear layer (and `layers`), as deep as the split's poisoned count (actdist's k) or `k`,
+    plus PassOutputs; keeps both. Returns (TopActivations, PassOutputs)."""
+    key, shared = passes.pass_key(model, loader), passes.active()
+    layers = list(layers)
+    every = list(dict.fromkeys(named_layers(model) + layers))
+    depth = min(max(k, topk_size(loader.split.labels, loader.split.poison)), len(loader.split))
+    try:
+        last_linear = penultimate_layer(model)
+    except UserError:
+        last_linear = None
+    outputs = PassOutputs(last_linear)
+    top = _top_activations(model, loader, every, device, depth, reduce, desc, required=layers, outputs=outputs)
+    shared.keep("top", key, reduce, top.values, depth, top)
+    shared.keep("outputs", key, None, (), 0, outputs, new_pass=False)
+    return top, outputs
+
+
+def shared_outputs(model, loader, device, desc: str = "shared pass") -> PassOutputs | None:
+    """The kept PassOutputs of this pass (computing the split pass when none is kept yet), or None
+    when the pass cannot be shared (nothing active, unmarked weights, a shuffled loader)."""
+    key = passes.pass_key(model, loader)
+    if key is None or len(loader.split) == 0:  # an empty split: the caller's own loop handles it
+        return None
+    kept = passes.active().find("outputs", key, None, ())
+    return kept if kept is not None else split_pass(model, loader, device, desc=desc)[1]
+
+
+def _top_activations(model, loader, layers, device, k: int, reduce: str, desc: str, required=None,
+                     outputs: PassOutputs | None = None) -> TopActivations:
     trackers = {name: TopKTracker(k) for name in layers}
     state = {"positions": None}
 
@@ -298,12 +394,23 @@ def _top_activations(model, loader, layers, device, k: int, reduce: str, desc: s
 
     seen = 0
     model.eval()
-    with ReducingHooks(model, layers, reduce_fn), torch.inference_mode():
-        for batch in progress(loader, desc):
-            size = batch[0].shape[0]
-            state["positions"] = torch.arange(seen, seen + size)
-            model(batch[0].to(device, non_blocking=True))
-            seen += size
+    capture = None
+    if outputs is not None and outputs.penultimate_layer is not None:
+        capture = dict(model.named_modules())[outputs.penultimate_layer].register_forward_pre_hook(
+            lambda module, inputs: outputs.penultimate.append(inputs[0].detach().to("cpu", torch.float32, copy=True)))
+    try:
+        with ReducingHooks(model, layers, reduce_fn), torch.inference_mode():
+            for batch in progress(loader, desc):
+                size = batch[0].shape[0]
+                state["positions"] = torch.arange(seen, seen + size)
+                logits = model(batch[0].to(device, non_blocking=True))
+                if outputs is not None:
+                    outputs.logits.append(logits)
+                    outputs.rest.append(tuple(batch[1:]))
+                seen += size
+    finally:
+        if capture is not None:
+            capture.remove()
     if seen == 0:
         raise UserError("no samples to rank")
     fired = {n: t for n, t in trackers.items() if t.values is not None}

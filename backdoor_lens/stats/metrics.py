@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from backdoor_lens.device import progress
+from backdoor_lens.stats.activations import shared_outputs
 
 
 @dataclass
@@ -19,11 +20,18 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader, device, desc: str = "predict") -> Predictions:
-    """One pass over a loader; the model is evaluated in eval mode."""
+    """One pass over a loader; the model is evaluated in eval mode. Under `backdoor-lens all` the
+    logits come from the split's shared pass (stats.activations.split_pass), batch by batch as
+    this loop would compute them."""
     model.eval()
+    shared = shared_outputs(model, loader, device, desc)
+    if shared is not None:
+        batches = ((logits, *rest) for logits, rest in zip(shared.logits, shared.rest))
+    else:
+        batches = ((model(x.to(device, non_blocking=True)), y, y0, p, idx) for x, y, y0, p, idx in progress(loader, desc))
     preds, confs, labels, originals, poisons, indices = [], [], [], [], [], []
-    for x, y, y0, p, idx in progress(loader, desc):
-        probs = torch.softmax(model(x.to(device, non_blocking=True)).float(), dim=1)
+    for logits, y, y0, p, idx in batches:
+        probs = torch.softmax(logits.float(), dim=1)
         conf, pred = probs.max(dim=1)
         preds.append(pred.cpu()); confs.append(conf.cpu())
         labels.append(y); originals.append(y0); poisons.append(p); indices.append(idx)

@@ -1,17 +1,19 @@
 """Forward passes shared between the analyses of one process (`backdoor-lens all`).
 
-Under `backdoor-lens all`, tac, na, fm, act, actdist, fv, t-SNE and UMAP ask for statistics of
-the same model over the same images. While a `SharedPasses` is active, the first request for a
-(model weights, images, batch size) pass computes its statistics for every Conv, BatchNorm and
-Linear layer at once (and every layer it was asked for), and later requests that it covers are
-answered from it without a forward pass: one pass per split serves every analysis.
+Under `backdoor-lens all`, tac, na, fm, act, actdist, fv, t-SNE, UMAP, metric, cm and detect ask for
+statistics of the same model over the same images. While a `SharedPasses` is active, the first
+request for a (model weights, images, batch size) pass computes its statistics for every Conv,
+BatchNorm and Linear layer at once (and every layer it was asked for), and later requests that it
+covers are answered from it without a forward pass: one pass per split serves every analysis.
 
-The statistics kept are the reductions the analyses use (running sums, per-channel top-k, and
-the features an embedding reads), so numbers are identical to a run of the analysis alone:
+The statistics kept are the reductions the analyses use (running sums, per-channel top-k, the
+features an embedding reads, and a split's logits and penultimate features batch by batch), so
+numbers are identical to a run of the analysis alone:
 
 - a hook on more layers does not change any layer's output, and each layer's sums are its own;
-- top-k lists keep ties in sample order (a stable sort), so the k best of the K >= k kept are
-  exactly the k best of the split, whatever K and the batch size.
+- top-k lists keep ties in sample order (an exact (score, position) order), so the k best of
+  the K >= k kept are exactly the k best of the split, whatever K and the batch size; the first
+  request keeps K as deep as the split's poisoned count (actdist's k).
 
 Outside `backdoor-lens all` nothing is active and every request runs its own pass. A model takes
 part only when `load_context` marked it with the record it came from (`mark_weights`).
@@ -82,8 +84,9 @@ class SharedPasses:
             return entry[2]
         return None
 
-    def keep(self, kind: str, key, option, layers, extent, value, size_bytes: int = 0):
-        self.passes_run += 1
+    def keep(self, kind: str, key, option, layers, extent, value, size_bytes: int = 0, new_pass: bool = True):
+        """Keep `value`; new_pass=False for a second kind kept from a pass already counted."""
+        self.passes_run += int(new_pass)
         if size_bytes > self.budget_bytes:
             return
         self.entries[(kind, key, option)] = (frozenset(layers), extent, value)
