@@ -18,13 +18,12 @@ fi
 record=record/badnet_demo
 defense=$record/defense/clp
 status=0
-lens all "$record" --no_report || status=1
 if [ -f "$defense/defense_result.pt" ]; then
-  echo; echo "==== with the CLP defense ($defense): attack vs defense side by side"
-  lens all "$record" --result_file_defense "$defense" --select compares --no_report || status=1
-  lens report "$record" --defense "$defense" || status=1
+  # One process: every analysis on the attack, then the comparisons with the defense (their attack
+  # passes already made), then the report of both.
+  lens all "$record" --compare_defense "$defense" || status=1
 else
-  lens report "$record" || status=1
+  lens all "$record" || status=1
 fi
 # The Blended record, for contrast (analyses declared `on_blended_demo`): an invisible whole-image trigger.
 if [ -d record/blended_demo ]; then

@@ -2,6 +2,7 @@
 
     backdoor-lens all record/<name> [--dataset_path DIR] [--result_file_defense DIR] [--only a,b]
                                     [--select compares|blended_demo] [--no_report] [--processes]
+    backdoor-lens all record/<name> --compare_defense record/<name>/defense/<method>
 
 The analyses run one after another in this process, each with its declared demo arguments, as its
 command line would run it, sharing what does not change between them: the record and defense as
@@ -10,6 +11,11 @@ loaded, the clean data as read, every image decoded once, and the forward passes
 analysis still builds its own models from the weights, so nothing one does to its model reaches the
 next, and its numbers are those of a run alone. A failing analysis is reported and the others go on;
 the run ends with a summary and exit 1 when any failed.
+
+--compare_defense DIR then runs, in the same process, the analyses that draw attack and defense
+side by side (declared `compares`) with that defense, as `--result_file_defense DIR --select
+compares` would in a second command; the attack model's passes made for the first round answer
+the second, and the report shows both.
 
 --processes runs each analysis as its own process instead (`python -m backdoor_lens <name>`, under
 mpirun with its declared ranks), as the scripts did before: the baseline of bench/bench_suite.py.
@@ -95,12 +101,22 @@ def main(argv=None) -> int:
     parser.add_argument("--select", choices=("compares", "blended_demo"),
                         help="only the analyses that draw attack and defense side by side, or that the demo "
                              "also runs on its Blended record")
+    parser.add_argument("--compare_defense", metavar="DIR",
+                        help="after the analyses on the attack, run those that draw attack and defense side by "
+                             "side (declared `compares`) with this defense, in the same process: the attack "
+                             "model's passes are not made again; the report shows both")
     parser.add_argument("--no_report", action="store_true")
     parser.add_argument("--processes", action="store_true",
                         help="one process per analysis (mpirun for the landscape) instead of one shared process")
     args = parser.parse_args(argv)
     if not Path(args.record).exists():
         raise UserError(f"record {args.record} does not exist; pass a BackdoorBench record folder")
+    if args.compare_defense and args.result_file_defense:
+        raise UserError("give either --result_file_defense (every chosen analysis with the defense) or "
+                        "--compare_defense (the attack, then the comparisons), not both")
+    if args.compare_defense and not Path(args.compare_defense).exists():
+        raise UserError(f"--compare_defense {args.compare_defense} does not exist; pass a BackdoorBench defense "
+                        f"folder (the one holding defense_result.pt)")
     extra = []
     if args.dataset_path:
         extra += ["--dataset_path", args.dataset_path]
@@ -108,20 +124,24 @@ def main(argv=None) -> int:
         extra += ["--result_file_defense", args.result_file_defense]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    runs = [(analysis, extra, "") for analysis in chosen(args.only, args.select)]
+    if args.compare_defense:
+        runs += [(analysis, extra + ["--result_file_defense", args.compare_defense], " (attack vs defense)")
+                 for analysis in chosen(args.only, "compares")]
     results = []
     os.environ.setdefault("MPLBACKEND", "Agg")
     with shared_session() as session:
-        for analysis in chosen(args.only, args.select):
-            print(f"==> {analysis.name}: {analysis.title}", flush=True)
+        for analysis, flags, side_by_side in runs:
+            print(f"==> {analysis.name}{side_by_side}: {analysis.title}", flush=True)
             started = time.time()
             if args.processes:
-                status, tail = in_a_process(analysis, args.record, extra, env)
+                status, tail = in_a_process(analysis, args.record, flags, env)
             else:
-                status, tail = in_this_process(analysis, args.record, extra)
+                status, tail = in_this_process(analysis, args.record, flags)
             for line in tail:
                 print(f"    {line}")
             print(f"    {status} in {time.time() - started:.1f} s", flush=True)
-            results.append((analysis.name, status))
+            results.append((analysis.name + side_by_side, status))
         if not args.processes:
             print(f"\nshared forward passes: {session.passes.passes_run} computed, "
                   f"{session.passes.passes_saved} more requests answered from them")
@@ -135,5 +155,5 @@ def main(argv=None) -> int:
     if not args.no_report:
         from .report.build import build_report
 
-        print(f"report: {build_report(Path(args.record), defense=args.result_file_defense)}")
+        print(f"report: {build_report(Path(args.record), defense=args.result_file_defense or args.compare_defense)}")
     return 0 if ok == len(results) else 1

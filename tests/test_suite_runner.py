@@ -53,3 +53,40 @@ def test_the_suite_saved_forward_passes(both_ways):
     assert len(line) == 1
     saved = int(line[0].split(",")[1].split()[0])
     assert saved >= 2, line
+
+
+def test_compare_defense_runs_the_comparisons_after_the_attack_with_the_numbers_of_separate_runs(bb, tmp_path):
+    """`all --compare_defense D`: the attack round, then the `compares` analyses with the defense in
+    the same process; the attack model's passes of the first round answer the second, and the
+    tables equal those of `--result_file_defense D` run alone."""
+    from tests.bb_fixture import clp_state_dict, load_raw, write_defense
+
+    record = tmp_path / "record"
+    shutil.copytree(bb.record_dir, record, ignore=shutil.ignore_patterns("visual", "defense"))
+    defense = write_defense(record / "defense" / "clp", clp_state_dict(load_raw(record / "attack_result.pt")["model"]))
+    names = ["metric", "cm"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = runner.main([str(record), "--only", ",".join(names), "--compare_defense", str(defense),
+                            "--no_report", "--dataset_path", str(bb.data_dir)])
+    assert code == 0, printed.getvalue()
+    headers = [l for l in printed.getvalue().splitlines() if l.startswith("==> ")]
+    assert [h.split(":")[0] for h in headers] == ["==> metric", "==> cm", "==> metric (attack vs defense)",
+                                                  "==> cm (attack vs defense)"]
+    # The attack round made 3 passes of the attack model (clean_test, bd_test, cm's split); in the
+    # second round those 3 are answered and only the defense model's 3 are made.
+    line = [l for l in printed.getvalue().splitlines() if l.startswith("shared forward passes:")][0]
+    assert line.startswith("shared forward passes: 6 computed, 3 more"), line
+    alone = tmp_path / "alone"
+    for name in names:
+        argv = ["--result_file_attack", record, "--result_file_defense", defense, "--quiet", "--dataset_path",
+                bb.data_dir, "--output_dir", alone] + list(get(name).demo_args)
+        code, _, err = run_in_process(name, argv)
+        assert code == 0, err
+        together = defense / "visual" / name
+        listed = json.loads((together / "run.json").read_text())["files"]
+        compared = [f for f in listed if f.endswith((".csv", ".json")) and f != "run.json"]
+        assert compared, listed
+        for file in compared:
+            assert (together / file).read_bytes() == (alone / name / file).read_bytes(), f"{name}/{file} differs"
+    assert "der" in (defense / "visual" / "metric" / "metric_summary.csv").read_text().splitlines()[0].split(",")
