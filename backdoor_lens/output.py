@@ -227,12 +227,15 @@ class OutputDir:
         """Every file the committed folder will hold, staged and kept."""
         return self.written + [name for name in self.kept if name not in self.written and (self.final / name).is_file()]
 
-    def save_figure(self, fig, name: str, dpi: int = 130) -> str:
+    def save_figure(self, fig, name: str, dpi: int = 130, crop: bool = True) -> str:
+        """crop=False for a figure laid out with margins of its own: cropping to the contents
+        measures the figure with a whole extra draw."""
         import matplotlib.pyplot as plt
 
-        fig.savefig(self.path(f"{name}.png"), dpi=dpi, bbox_inches="tight")
+        bbox = "tight" if crop else None
+        fig.savefig(self.path(f"{name}.png"), dpi=dpi, bbox_inches=bbox)
         if self.pdf:
-            fig.savefig(self.path(f"{name}.pdf"), bbox_inches="tight")
+            fig.savefig(self.path(f"{name}.pdf"), bbox_inches=bbox)
         plt.close(fig)
         return f"{name}.png"
 

@@ -81,7 +81,7 @@ def write(result: ActdistResult, ctx) -> dict:
     pages = actdist_layer_pages(layers, shares, result.groups, num_classes, result.max_neurons, result.base_rate, k,
                                 f"Activation distribution, {result.model} model, {described}")
     for page, fig in enumerate(pages, start=1):
-        ctx.out.save_figure(fig, f"actdist_layers_{page}" if len(pages) > 1 else "actdist_layers")
+        ctx.out.save_figure(fig, f"actdist_layers_{page}" if len(pages) > 1 else "actdist_layers", crop=False)
     ctx.out.save_figure(actdist_overview(layers, result.poisoned, result.largest, result.purity, result.base_rate, k,
                                          f"{result.model} model, {described}: per layer"), "actdist_overview")
     summary = {"split": result.split, "samples": result.samples, "model": result.model, "k": k,

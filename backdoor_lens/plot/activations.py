@@ -265,7 +265,8 @@ def draw_layer(ax, layer, shares, names, num_classes, classes, colors, max_neuro
 def actdist_layer_pages(layers, shares: dict, names, num_classes: int, max_neurons: int, base_rate: float, k: int,
                         heading: str) -> list:
     """Figures of stacked bars, ACTDIST_LAYERS_PER_FIGURE layers each: per channel, the share of
-    each group (names: the classes, then the poisoned groups) among its top-k samples."""
+    each group (names: the classes, then the poisoned groups) among its top-k samples. Laid out
+    with fixed margins: save them uncropped (Output.save_figure crop=False)."""
     classes, colors = shown_groups(shares, num_classes)
     pages = math.ceil(len(layers) / ACTDIST_LAYERS_PER_FIGURE)
     figures = []
@@ -279,12 +280,13 @@ def actdist_layer_pages(layers, shares: dict, names, num_classes: int, max_neuro
             if ax is axes[0, 0]:
                 legend_outside(ax, handles, [h.get_label() for h in handles])
         fig.suptitle(f"{heading}; x: channel" + (f"; layers {page + 1} of {pages}" if pages > 1 else ""), fontsize=10)
-        # Fixed margins in inches instead of tight_layout: its extra measuring draw of thousands of
-        # tick labels took as long as saving; every panel has the same furniture, so the space is
-        # known (the saved figure is cropped to its contents anyway).
+        # Fixed margins in inches (the legend on the right) instead of tight_layout or a cropped
+        # save: each measures the figure with an extra draw of its thousands of tick labels, as
+        # long as saving it. Every panel has the same furniture, so the space is known; save
+        # these pages with crop=False.
         height = fig.get_figheight()
         fig.subplots_adjust(top=1 - 0.75 / height, bottom=0.45 / height, hspace=0.75 / 2.3, left=0.7 / width,
-                            right=1 - 0.2 / width)
+                            right=1 - 2.0 / width)
         figures.append(fig)
     return figures
 
