@@ -106,7 +106,7 @@ def collect_features(model, loader, layer: str, device, how: str = "flatten", de
             return tuple(np.array(part, copy=True) for part in kept)
     result = _collect_features(model, loader, layer, device, how, desc)
     if key is not None:
-        passes.active().keep("features", key, (layer, how), [layer], 0, result, size_bytes=result[0].nbytes)
+        passes.active().keep("features", key, (layer, how), [layer], 0, result)
         result = tuple(np.array(part, copy=True) for part in result)
     return result
 

@@ -67,12 +67,30 @@ def pass_key(model, loader) -> tuple | None:
     return weights, images_key(split, loader.batch_size)
 
 
+def size_of(value) -> int:
+    """Bytes of the tensors and arrays in `value` (nested in dicts, lists, tuples, dataclasses)."""
+    if hasattr(value, "nbytes"):  # numpy arrays
+        return int(value.nbytes)
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch tensors
+        return int(value.element_size() * value.nelement())
+    if isinstance(value, dict):
+        return sum(size_of(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(size_of(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(size_of(getattr(value, name)) for name in value.__dataclass_fields__)
+    return 0
+
+
 class SharedPasses:
-    """The kept statistics, by kind and pass key; the largest ones (features) within a byte budget."""
+    """The kept statistics, by kind and pass key, within a byte budget for all of them together:
+    keeping past it lets go of the oldest entries first (a later request for one makes its pass
+    again, with the same numbers); an entry larger than the whole budget is not kept."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
-        self.entries: dict = {}  # (kind, pass key, option) -> (layers frozenset, extent, value)
+        self.entries: dict = {}  # (kind, pass key, option) -> (layers frozenset, extent, value, bytes)
+        self.kept_bytes = 0
         self.passes_run = 0  # forward passes computed here (for tests and benchmarks)
         self.passes_saved = 0  # requests answered without a pass
 
@@ -84,9 +102,16 @@ class SharedPasses:
             return entry[2]
         return None
 
-    def keep(self, kind: str, key, option, layers, extent, value, size_bytes: int = 0, new_pass: bool = True):
+    def keep(self, kind: str, key, option, layers, extent, value, new_pass: bool = True):
         """Keep `value`; new_pass=False for a second kind kept from a pass already counted."""
         self.passes_run += int(new_pass)
-        if size_bytes > self.budget_bytes:
+        size = size_of(value)
+        replaced = self.entries.pop((kind, key, option), None)
+        if replaced is not None:
+            self.kept_bytes -= replaced[3]
+        if size > self.budget_bytes:
             return
-        self.entries[(kind, key, option)] = (frozenset(layers), extent, value)
+        while self.entries and self.kept_bytes + size > self.budget_bytes:
+            self.kept_bytes -= self.entries.pop(next(iter(self.entries)))[3]  # the oldest first
+        self.entries[(kind, key, option)] = (frozenset(layers), extent, value, size)
+        self.kept_bytes += size

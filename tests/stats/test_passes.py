@@ -141,3 +141,32 @@ def test_one_split_pass_answers_predictions_top_k_and_the_detectors_features(bb)
             assert np.array_equal(alone_top.positions[name], got["top"].positions[name])
             assert np.array_equal(alone_top.values[name], got["top"].values[name])
         assert np.array_equal(alone_features[0], got["features"][0]) and np.array_equal(alone_features[1], got["features"][1])
+
+
+def test_kept_passes_stay_within_one_budget_for_all_of_them(bb):
+    """Past the budget the oldest entries go; asking for one again makes its pass again, with the
+    same numbers."""
+    model, split = setup(bb)
+    passes.mark_weights(model, "attack", "test")
+    ask = lambda batch: compute_top_activations(model, Batches(split, batch, "cpu"), ["linear"], "cpu", 2)  # noqa: E731
+    with passes.sharing() as roomy:
+        first = ask(8)
+        one_pass = roomy.kept_bytes  # the split pass's top-k lists and outputs
+    # The independent size: the arrays and tensors this pass holds, counted here by hand.
+    kept = {kind: entry[2] for (kind, _, _), entry in roomy.entries.items()}
+    top, outputs = kept["top"], kept["outputs"]
+    by_hand = sum(a.nbytes for a in top.values.values()) + sum(a.nbytes for a in top.positions.values())
+    by_hand += sum(t.numel() * t.element_size() for t in outputs.logits + outputs.penultimate)
+    by_hand += sum(t.numel() * t.element_size() for rest in outputs.rest for t in rest)
+    assert one_pass == by_hand > 0
+    with passes.sharing(budget_bytes=int(one_pass * 1.5)) as tight:
+        ask(8)
+        ask(16)  # another pass (other batches): the first one's entries make room for it
+        assert tight.passes_run == 2 and tight.kept_bytes <= tight.budget_bytes
+        again = ask(8)
+        assert tight.passes_run == 3 and tight.kept_bytes <= tight.budget_bytes
+    assert np.array_equal(first.positions["linear"], again.positions["linear"])
+    with passes.sharing(budget_bytes=1) as small:  # entries larger than the whole budget: not kept
+        ask(8)
+        ask(8)
+        assert (small.passes_run, small.kept_bytes) == (2, 0)
