@@ -81,17 +81,19 @@ def safe_torch_load(path: Path, trust_record: bool = False, what: str = "file"):
     """torch.load with the allow-list; UserError on anything unreadable or not allowed.
     trust_record: only True when the user typed --trust_record (the one unsafe path)."""
     path = check_file(path, what)
+    trusted = trust_record is True  # --trust_record on the command line, never a YAML or a default
     try:
-        if trust_record is True:  # --trust_record on the command line, never a YAML or a default
+        if trusted:
             warn_trusted(path)
-            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
             # A plain pickle (not torch.save's) draws a protocol warning before the refusal below.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # The allow-list (weights_only) is lifted only under --trust_record: the one load that
+            # may run code stored in the file.
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as error:
         match = _REFUSED_RE.search(str(error))
-        if match and trust_record is not True:
+        if match and not trusted:
             name = next(group for group in match.groups() if group)
             raise UserError(f"{what} {path} needs the global {name}, which is not on the allow-list of numpy and "
                             f"torch types; {TRUST_RISK}") from None
@@ -152,10 +154,12 @@ def restricted_unpickle(path: Path, what: str, trust_record: bool = False):
     path = check_file(path, what)
     try:
         with open(path, "rb") as handle:
-            if trust_record is True:  # --trust_record on the command line, never a YAML or a default
+            trusted = trust_record is True  # --trust_record on the command line, never a YAML or a default
+            if trusted:
                 warn_trusted(path)
-                return pickle.load(handle, encoding="latin1")
-            return RestrictedUnpickler(handle, encoding="latin1").load()
+            # Every global passes the allow-list (RestrictedUnpickler) unless --trust_record was given.
+            unpickler = pickle.Unpickler if trusted else RestrictedUnpickler
+            return unpickler(handle, encoding="latin1").load()
     except RefusedGlobal as refused:
         reason = f" {refused.reason}" if refused.reason else ""
         raise UserError(f"{what} {path} asks for the global {refused.name}{reason}, which such a file never "
