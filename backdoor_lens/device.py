@@ -41,3 +41,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def fill_device_defaults(args, defaults: dict) -> tuple[dict, str]:
+    """Give the cost flags `args` leaves unset (None) the values of this device's kind, from
+    defaults["cpu"] or defaults["gpu"], in `args` itself (so that the context and run.json see
+    them). Returns ({flag: value} of the flags filled, "cpu" or "gpu")."""
+    kind = "cpu" if pick_device(args.device).type == "cpu" else "gpu"
+    filled = {flag: value for flag, value in defaults[kind].items() if getattr(args, flag, None) is None}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    return filled, kind

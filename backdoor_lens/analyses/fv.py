@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from backdoor_lens.analysis import Analysis
-from backdoor_lens.device import pick_device
+from backdoor_lens.device import fill_device_defaults
 from backdoor_lens.errors import UserError
 from backdoor_lens.models.layers import get_layer
 from backdoor_lens.plot.feature_vis import feature_vis_figure
@@ -78,10 +78,7 @@ def apply_device_defaults(args) -> dict:
     """Give the cost flags left unset (None) this device's values, in `args` itself (the context
     reads --n_sub, run.json records the arguments). Returns {flag: value} of the flags filled;
     on a CPU prints one line saying what was chosen and which flags change it."""
-    kind = "cpu" if pick_device(args.device).type == "cpu" else "gpu"
-    filled = {flag: value for flag, value in DEVICE_DEFAULTS[kind].items() if getattr(args, flag, None) is None}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
+    filled, kind = fill_device_defaults(args, DEVICE_DEFAULTS)
     if kind == "cpu" and filled:
         gpu = DEVICE_DEFAULTS["gpu"]
         print(f"on a CPU: {', '.join(f'{v} {WHAT[k]}' for k, v in filled.items())} (on a GPU "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backdoor_lens.analysis import Analysis
-from backdoor_lens.device import pick_device
+from backdoor_lens.device import fill_device_defaults
 from backdoor_lens.errors import UserError
 from backdoor_lens.plot.hessian import hessian_figure
 from backdoor_lens.report.numbers import fmt, read_summary
@@ -94,10 +94,7 @@ def apply_device_defaults(args) -> tuple[dict, int | None]:
     """Give the cost flags left unset (None) this device's values, in `args` itself (run.json records
     the arguments). Returns ({flag: value} of the flags filled, the batch size when the CPU rule sets
     it, else None); on a CPU prints one line saying what was chosen and which flags change it."""
-    kind = "cpu" if pick_device(args.device).type == "cpu" else "gpu"
-    filled = {flag: value for flag, value in DEVICE_DEFAULTS[kind].items() if getattr(args, flag, None) is None}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
+    filled, kind = fill_device_defaults(args, DEVICE_DEFAULTS)
     batch_size = min(args.batch_size, CPU_SAMPLES) if kind == "cpu" and "hessian_batches" in filled else None
     if kind == "cpu" and filled:
         gpu = DEVICE_DEFAULTS["gpu"]

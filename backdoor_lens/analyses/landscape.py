@@ -38,7 +38,7 @@ import torch
 
 from backdoor_lens.analysis import Analysis
 from backdoor_lens.context import load_context
-from backdoor_lens.device import pick_device
+from backdoor_lens.device import fill_device_defaults
 from backdoor_lens.errors import UserError
 from backdoor_lens.landscape.directions import DIR_TYPES, IGNORES, NORMS, DirectionSettings, base_entries
 from backdoor_lens.landscape.evaluate import GridEvaluator, load_batches
@@ -125,17 +125,6 @@ def parse_axis(text: str, flag: str) -> np.ndarray:
     return np.linspace(low, high, num)
 
 
-def apply_device_defaults(args) -> tuple[dict, str]:
-    """Give the cost flags left unset (None) this device's values (DEVICE_DEFAULTS), in `args`
-    itself, so that the context (--n_sub) and run.json see them. Returns ({flag: value} of the
-    flags filled, "cpu" or "gpu")."""
-    kind = "cpu" if pick_device(args.device).type == "cpu" else "gpu"
-    filled = {flag: value for flag, value in DEVICE_DEFAULTS[kind].items() if getattr(args, flag, None) is None}
-    for flag, value in filled.items():
-        setattr(args, flag, value)
-    return filled, kind
-
-
 def device_note(filled: dict, kind: str) -> str | None:
     """The line printed up front when a CPU's lighter defaults apply."""
     if kind != "cpu" or not filled:
@@ -148,7 +137,7 @@ def device_note(filled: dict, kind: str) -> str | None:
 
 
 def settings(args) -> Settings:
-    filled, kind = apply_device_defaults(args)
+    filled, kind = fill_device_defaults(args, DEVICE_DEFAULTS)
     x = parse_axis(args.x, "--x")
     y = parse_axis(args.y, "--y") if args.y not in (None, "") else None
     if args.points_per_pass < 0:

@@ -180,11 +180,6 @@ class Batches:
         order = self.order()
         for start in range(0, len(order), self.batch_size):
             positions = order[start:start + self.batch_size]
-            if source is not None:
-                pixels = source[positions.to(self.device)]
-            else:
-                pixels = split.images(positions.numpy())
-                if cuda:
-                    pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            pixels = source[positions.to(self.device)] if cuda else split.images(positions.numpy())
             yield (split.transform.batch(pixels, split.normalized), labels[positions], originals[positions],
                    poison[positions], indices[positions])

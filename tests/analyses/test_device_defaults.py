@@ -14,8 +14,11 @@ from tests.helpers import run_in_process
 
 
 def as_gpu(monkeypatch, module):
-    """Let the module's device rule see CUDA (settings() only asks for the device type)."""
-    monkeypatch.setattr(module, "pick_device", lambda requested=None: torch.device("cuda"))
+    """Let the module's device rule (backdoor_lens.device.fill_device_defaults) see CUDA; settings()
+    only asks for the device type. `module` names the analysis whose rule is exercised."""
+    from backdoor_lens import device
+
+    monkeypatch.setattr(device, "pick_device", lambda requested=None: torch.device("cuda"))
 
 
 def read(out, name, file):

@@ -516,7 +516,9 @@ def test_cpu_defaults_are_lighter_and_given_flags_win(bb, tmp_path, monkeypatch,
     s = module.settings(args)
     assert s.x == (-2.0, -1.0, 0.0, 1.0, 2.0) and args.n_sub == 7 and s.device_defaults == {}
     assert module.device_note(s.device_defaults, s.device_kind) is None
-    monkeypatch.setattr(module, "pick_device", lambda requested=None: torch.device("cuda"))
+    from backdoor_lens import device  # the rule asks backdoor_lens.device which device this is
+
+    monkeypatch.setattr(device, "pick_device", lambda requested=None: torch.device("cuda"))
     args = make_args(module.add_arguments, device="auto", **common)
     s = module.settings(args)
     assert len(s.x) == 51 and args.n_sub == 1000 and s.points_per_pass == 1  # as before, one point per pass
