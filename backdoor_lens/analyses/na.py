@@ -128,7 +128,9 @@ def write(result: NaResult, ctx) -> dict:
                                                                         "units (channel, position)")):
         if profiles:
             shown = {label: (p.clean, p.poisoned, p.names, p.ranked[:top]) for label, p in profiles.items()}
-            ctx.out.save_figure(na_figure(shown, layer, result.pairs, result.split, result.record, what), name)
+            # tight_layout has fitted everything inside the figure: no cropping draw needed.
+            ctx.out.save_figure(na_figure(shown, layer, result.pairs, result.split, result.record, what), name,
+                                crop=False)
     return summary
 
 

@@ -118,9 +118,12 @@ def compute_paired_activations(model, poisoned_loader, clean_loader, layers, dev
         poisoned, clean = view[:half], view[half:]
         shapes[name] = tuple(output.shape[1:])
         s = sums[name]
-        s["p"] = s["p"] + poisoned.sum(dim=(0, 2)).double()
-        s["c"] = s["c"] + clean.sum(dim=(0, 2)).double()
-        s["d"] = s["d"] + (poisoned - clean).abs().sum(dim=(0, 2)).double()
+        # One read of the whole batch gives both halves' per-sample sums (summing each half over
+        # (0, 2) read the output twice); the difference's buffer is reused for its absolute value.
+        per_sample = view.sum(dim=2)
+        s["p"] = s["p"] + per_sample[:half].sum(dim=0).double()
+        s["c"] = s["c"] + per_sample[half:].sum(dim=0).double()
+        s["d"] = s["d"] + torch.sub(poisoned, clean).abs_().sum(dim=(0, 2)).double()
         if per_unit:
             s["pu"] = s["pu"] + poisoned.sum(dim=0).double()
             s["cu"] = s["cu"] + clean.sum(dim=0).double()
