@@ -23,6 +23,7 @@ bench/synthetic_cifar.py builds and caches (figures prefixed cifar_); --record p
 path to any record folder (figures prefixed by its folder name).
 
     .venv/bin/python bench/bench_pipeline.py [--record demo|synthetic|both|PATH] [--n_sub N] [--repeat R]
+                                             [--analyses tac,na,act,actdist]
 
 On 2 CPU cores the full synthetic record takes long (act and actdist pass over 50,000 images,
 twice each): --n_sub caps the analysed samples (the loader rate always uses all of bd_train).
@@ -146,7 +147,7 @@ def loader_rate(record: Path) -> tuple:
     return len(split) / seconds, len(split)
 
 
-def warm_up(record: Path) -> None:
+def warm_up(record: Path, analyses=ANALYSES) -> None:
     """Imports (matplotlib and the analyses' modules) and the device's first-use costs, paid once
     before anything is timed: a process pays them once, whatever it runs."""
     import matplotlib
@@ -154,7 +155,7 @@ def warm_up(record: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
 
-    for name in ANALYSES:
+    for name in analyses:
         get(name)
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda").sum().item()
@@ -165,12 +166,12 @@ def best_of(repeat: int, measure):
     return min(results, key=lambda r: r[0] if isinstance(r, tuple) else r)
 
 
-def planned_images(record: Path, extra: list) -> int:
+def planned_images(record: Path, extra: list, analyses=ANALYSES) -> int:
     """How many images the four analyses and their plain passes forward in all (split sizes only,
     nothing decoded): said up front, since on a CPU the full synthetic record takes over an hour."""
     total = 0
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-plan-") as output_dir:
-        for name in ANALYSES:
+        for name in analyses:
             args = analysis_args(name, record, output_dir, extra)
             with load_context(args, name, split=None) as ctx:
                 total += 2 * sum(len(split) for splits in needed_passes(name, ctx, args) for split in splits)
@@ -178,17 +179,17 @@ def planned_images(record: Path, extra: list) -> int:
     return total
 
 
-def measure_record(label: str, record: Path, extra: list, repeat: int) -> list:
+def measure_record(label: str, record: Path, extra: list, repeat: int, analyses=ANALYSES) -> list:
     """[(figure line)] for one record; prints the details as it goes."""
     prefix = "" if label == "demo" else f"{label}_"
-    warm_up(record)
-    planned = planned_images(record, extra) * repeat
+    warm_up(record, analyses)
+    planned = planned_images(record, extra, analyses) * repeat
     cpu = not torch.cuda.is_available()
     print(f"  {label}: {planned} images through the model in all"
           + ("; on a CPU (about 50 images/s on 2 cores) --n_sub 2000 shortens a large record's run"
              if cpu and planned > 50_000 else ""), flush=True)
     lines = []
-    for name in ANALYSES:
+    for name in analyses:
         analysis = best_of(repeat, lambda: time_analysis(name, record, extra))
         plain, images = best_of(repeat, lambda: time_plain_passes(name, record, extra))
         print(f"  {label} {name}: analysis {analysis:.2f} s, plain passes {plain:.2f} s over {images} images "
@@ -213,7 +214,14 @@ def main(argv=None) -> int:
     parser.add_argument("--record", default="both", help="demo, synthetic, both, or a record folder")
     parser.add_argument("--n_sub", type=int, help="cap the analysed samples (passed to every analysis)")
     parser.add_argument("--repeat", type=int, default=1, help="measure each figure R times, keep the fastest")
+    parser.add_argument("--analyses", default=",".join(ANALYSES),
+                        help="comma-separated, from: " + ", ".join(ANALYSES) + " (a 2-core CPU passes over the "
+                             "synthetic record's 50,000 images at default arguments in about 6 minutes a pass)")
     args = parser.parse_args(argv)
+    analyses = [name.strip() for name in args.analyses.split(",") if name.strip()]
+    unknown = sorted(set(analyses) - set(ANALYSES))
+    if unknown or not analyses:
+        parser.error(f"--analyses: choose from {', '.join(ANALYSES)}" + (f" (not {', '.join(unknown)})" if unknown else ""))
     if args.n_sub is not None and args.n_sub < 1:
         parser.error("--n_sub must be at least 1")
     if args.repeat < 1:
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
           + (f", --n_sub {args.n_sub}" if args.n_sub else ", default arguments"), flush=True)
     lines = []
     for label, record in records:
-        lines += measure_record(label, record, extra, args.repeat)
+        lines += measure_record(label, record, extra, args.repeat, analyses)
     for line in lines:
         print(line)
     return 0

@@ -74,3 +74,14 @@ def test_suite_output_parsing():
 ])
 def test_summary_differences(a, b, count):
     assert len(bench_suite.differences(a, b)) == count
+
+
+@pytest.mark.parametrize("analyses", ["tac,nope", ","])
+def test_pipeline_refuses_unknown_analyses(analyses, capsys):
+    """A misspelt --analyses stops before anything is loaded, naming the choices."""
+    from bench import bench_pipeline
+
+    with pytest.raises(SystemExit) as stopped:
+        bench_pipeline.main(["--record", "demo", "--analyses", analyses])
+    assert stopped.value.code == 2
+    assert "choose from tac, na, act, actdist" in capsys.readouterr().err

@@ -175,16 +175,28 @@ def embed_tsne(points: np.ndarray, seed: int = 0, perplexity: float = 30.0, n_jo
 
     Exact neighbours: with Annoy (openTSNE's choice from 1000 points) the result changed with the
     thread count; exact ones give the same embedding on any number of threads (module docstring)."""
-    from openTSNE import TSNE
+    from openTSNE import TSNE, affinity, nearest_neighbors
 
     n = len(points)
     perplexity = float(min(perplexity, max(1.0, (n - 1) / 3.0)))
+    jobs = resolve_jobs(n_jobs)
+    data = np.ascontiguousarray(points, dtype=np.float64)
     # Barnes-Hut is faster than the FFT interpolation below ~10k points (openTSNE's own advice).
     method = "bh" if n < 10_000 else "fft"
-    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, n_jobs=resolve_jobs(n_jobs),
+    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, n_jobs=jobs,
                 neighbors="exact", negative_gradient_method=method, initialization="pca" if n > 2 else "random",
                 verbose=False)
-    return np.asarray(tsne.fit(np.ascontiguousarray(points, dtype=np.float64)), dtype=np.float64)
+    # The affinities TSNE.fit would build from neighbors="exact" (MultiscaleMixture over a
+    # nearest_neighbors.Sklearn index of k = int(3 x perplexity) neighbours, perplexity capped at
+    # (n - 1) / 3 as openTSNE caps it), built here from the index: without an index, openTSNE first
+    # imports pynndescent only to learn whether it is installed, and that import compiles
+    # pynndescent's numba functions: 15 s the first time in an environment, 2 s in every process after.
+    capped = perplexity if 3 * perplexity <= n - 1 else (n - 1) / 3
+    index = nearest_neighbors.Sklearn(data, k=min(n - 1, int(3 * capped)), metric="euclidean", n_jobs=jobs,
+                                      random_state=seed, verbose=False)
+    affinities = affinity.MultiscaleMixture(perplexities=perplexity, knn_index=index, n_jobs=jobs,
+                                            random_state=seed, verbose=False)
+    return np.asarray(tsne.fit(data, affinities=affinities), dtype=np.float64)
 
 
 def embed_umap(points: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,

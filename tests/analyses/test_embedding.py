@@ -208,6 +208,32 @@ def test_embedding_does_not_depend_on_the_thread_count(method, n_clean):
     np.testing.assert_array_equal(one.coords, two.coords)
 
 
+@pytest.mark.parametrize("n, perplexity", [(150, 30.0), (40, 30.0), (31, 10.0)])
+def test_tsne_equals_opentsne_exact_and_skips_pynndescent(n, perplexity):
+    """embed_tsne hands openTSNE the exact neighbour index itself: the coordinates must be those of
+    openTSNE's own TSNE(neighbors="exact").fit, perplexity capped or not, and pynndescent (whose
+    import compiles numba code) must not be imported. Checked in a fresh interpreter, where no
+    earlier test has imported it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np
+from backdoor_lens.stats.embedding import embed_tsne
+points = np.random.default_rng(3).normal(size=({n}, 12))
+ours = embed_tsne(points, seed=5, perplexity={perplexity}, n_jobs=1)
+assert 'pynndescent' not in sys.modules, 'pynndescent imported'
+from openTSNE import TSNE
+capped = min({perplexity}, ({n} - 1) / 3)
+theirs = TSNE(n_components=2, perplexity=capped, random_state=5, n_jobs=1, neighbors='exact',
+              negative_gradient_method='bh', initialization='pca', verbose=False).fit(points)
+np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.float64))
+print('same')
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+
+
 def test_n_jobs_zero_or_minus_one_is_every_core(tmp_path, monkeypatch):
     cores = available_cores()
     assert resolve_jobs(0) == resolve_jobs(-1) == resolve_jobs(None) == cores
