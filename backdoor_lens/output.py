@@ -231,8 +231,13 @@ class OutputDir:
         """crop=False for a figure laid out with margins of its own: cropping to the contents
         measures the figure with a whole extra draw."""
         import matplotlib.pyplot as plt
+        from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
         bbox = "tight" if crop else None
+        if not crop and isinstance(fig.get_layout_engine(), PlaceHolderLayoutEngine):
+            # tight_layout() leaves this inert placeholder behind, and savefig draws a figure that has
+            # any layout engine once more before the real draw; the layout is already done.
+            fig.set_layout_engine(None)
         fig.savefig(self.path(f"{name}.png"), dpi=dpi, bbox_inches=bbox)
         if self.pdf:
             fig.savefig(self.path(f"{name}.pdf"), bbox_inches=bbox)

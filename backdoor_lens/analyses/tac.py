@@ -95,7 +95,7 @@ def write(result: TacResult, ctx) -> dict:
     ctx.out.save_csv("tac", rows, header=header)
     ctx.out.save_csv("tac_layers", layer_rows, header=["model", "layer", "channels", "mean_tac", "max_tac",
                                                        "argmax_neuron"])
-    # tight_layout has fitted everything inside the figure: no cropping draw needed.
+    # tac_figure lays itself out in inches: no cropping draw needed.
     ctx.out.save_figure(tac_figure(layers, result.shown, result.top, normalize, result.pairs, result.split,
                                    result.record), "tac", crop=False)
     return summary
