@@ -98,8 +98,11 @@ def tac_figure(layers, shown: dict, top: dict, normalized: bool, pairs: int, spl
     # names, bars. Top to bottom within a row: panel title, panel, tick labels and axis label.
     heat_left = 0.15 + layer_labels + 0.1
     bars_width = 3.0
-    bars_left = width - 0.3 - bars_width
     cbar_width, cbar_room = 0.2, 0.95
+    # Wider than 16 inches only when long names would leave the heat grid under 6 inches.
+    width = max(width, heat_left + 6.0 + 0.1 + cbar_width + cbar_room + bar_labels + 0.25 + bars_width + 0.3)
+    fig.set_size_inches(width, height)
+    bars_left = width - 0.3 - bars_width
     heat_right = bars_left - bar_labels - 0.25 - cbar_room - cbar_width - 0.1
     for row, model_label in enumerate(shown):
         top_edge = height - 0.5 - row * row_height - 0.35

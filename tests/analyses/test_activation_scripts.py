@@ -79,6 +79,38 @@ def test_tac_with_defense_has_both_models(bb, tmp_path):
     assert summary["top_channels_defense"]
 
 
+@pytest.mark.parametrize("name_length, models", [(10, 1), (10, 2), (70, 1)])
+def test_tac_figure_lays_every_text_inside_without_overlaps(name_length, models):
+    """tac_figure places its panels in inches from measured label widths instead of tight_layout:
+    drawn, every text must lie inside the figure, and the layer names, the colour bar's texts and
+    the bar names must not run into the panel beside them (measured by the renderer, after drawing)."""
+    from backdoor_lens.plot.activations import tac_figure
+
+    rng = np.random.default_rng(0)
+    layers = [f"block{i}.".ljust(name_length, "x") for i in range(30)]
+    labels = ["attack", "defense"][:models]
+    shown = {label: {name: rng.random(8 + 8 * (i % 3)) for i, name in enumerate(layers)} for label in labels}
+    top = {label: [(layers[i], i % 8, 1.0 - i / 20) for i in range(15)] for label in labels}
+    fig = tac_figure(layers, shown, top, False, 100, "bd_test", "record")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    drawn = fig.get_tightbbox(renderer)  # matplotlib's extent of everything drawn, in inches
+    width, height = fig.get_size_inches()
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01
+    heat_axes = [ax for ax in fig.axes if ax.get_title().startswith(tuple(f"{m} model: TAC per" for m in labels))]
+    bar_axes = [ax for ax in fig.axes if "largest TAC" in ax.get_title()]
+    colour_bars = [ax for ax in fig.axes if ax not in heat_axes + bar_axes]
+    assert len(heat_axes) == len(bar_axes) == len(colour_bars) == models
+    for heat, bar, colour in zip(heat_axes, bar_axes, colour_bars):
+        layer_names = [t.get_window_extent(renderer) for t in heat.get_yticklabels() if t.get_text()]
+        assert min(b.x0 for b in layer_names) >= page.x0 - 1
+        colour_right = colour.get_tightbbox(renderer).x1  # its ticks and its label
+        bar_names = [t.get_window_extent(renderer) for t in bar.get_yticklabels() if t.get_text()]
+        assert heat.get_window_extent(renderer).x1 <= colour.get_window_extent(renderer).x0
+        assert colour_right < min(b.x0 for b in bar_names), "the bar names run into the colour bar"
+
+
 def test_tac_and_na_fall_back_to_bd_test_and_refuse_without_poison(tmp_path):
     blind = make_bb_root(tmp_path / "blind", n_train=20, n_test=20, with_bd_train=False)
     summary = run(tac, blind, tmp_path / "o1", layers="linear", n_sub=5)
