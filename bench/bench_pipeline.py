@@ -216,12 +216,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="measure each figure R times, keep the fastest")
     parser.add_argument("--analyses", default=",".join(ANALYSES),
                         help="comma-separated, from: " + ", ".join(ANALYSES) + " (a 2-core CPU passes over the "
-                             "synthetic record's 50,000 images at default arguments in about 6 minutes a pass)")
+                             "synthetic record's 50,000 images at default arguments in 4 to 6 minutes a pass)")
     args = parser.parse_args(argv)
     analyses = [name.strip() for name in args.analyses.split(",") if name.strip()]
     unknown = sorted(set(analyses) - set(ANALYSES))
     if unknown or not analyses:
-        parser.error(f"--analyses: choose from {', '.join(ANALYSES)}" + (f" (not {', '.join(unknown)})" if unknown else ""))
+        parser.error(f"--analyses: choose from {', '.join(ANALYSES)}"
+                     + (f" (not {', '.join(unknown)})" if unknown else ""))
     if args.n_sub is not None and args.n_sub < 1:
         parser.error("--n_sub must be at least 1")
     if args.repeat < 1:

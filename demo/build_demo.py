@@ -143,8 +143,7 @@ def build(name: str, trigger: str, force: bool = False, epochs: int = EPOCHS, ro
                   f"ASR {built['asr']:.3f}); --force rebuilds")
             return built
     started = time.time()
-    print(f"{name}: training PreAct-ResNet-18 with a {trigger} trigger on digits ({epochs} epochs, CPU"
-          f"{', bfloat16 autocast' if cpu_has_bf16() else ''})")
+    print(f"{name}: training PreAct-ResNet-18 with a {trigger} trigger on digits ({epochs} epochs, CPU)")
     model, train, test, poison_idx, test_bd_idx, acc, asr, precision = train_backdoor(trigger, epochs)
     stamp = TRIGGERS[trigger]
     train_poison = {int(i): (stamp(train._array[i][None])[0], TARGET, int(train.labels[i])) for i in poison_idx}
@@ -159,7 +158,7 @@ def build(name: str, trigger: str, force: bool = False, epochs: int = EPOCHS, ro
              "training_precision": precision, "clean_accuracy": acc, "asr": asr,
              "seconds": round(time.time() - started, 1)}
     stamp_file.write_text(json.dumps(built, indent=2))
-    print(f"{name}: clean accuracy {acc:.3f}, ASR {asr:.3f} ({built['seconds']} s) -> {record_dir}")
+    print(f"{name}: clean accuracy {acc:.3f}, ASR {asr:.3f} ({built['seconds']} s, {precision}) -> {record_dir}")
     return built
 
 
