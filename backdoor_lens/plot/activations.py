@@ -138,14 +138,14 @@ def draw_profiles(ax_profile, ax_diff, clean, poisoned, names, marked, title: st
     ax_profile.set_title(title, fontsize=10)
     ax_profile.legend(fontsize=8, loc="upper left", frameon=False)
     difference = poisoned - clean
-    # One bar per neuron, drawn as two step patches (rises, falls) rather than one Rectangle per
-    # neuron: the same picture, without hundreds of artists to lay out and draw.
     values = difference[order]
+    # One bar per neuron, drawn as two step patches (rises, falls) rather than one Rectangle per
+    # neuron: the same picture, without hundreds of artists to lay out and draw. With thousands of
+    # neurons a bar is narrower than a pixel; unsmoothed, each still shows at full colour.
     edges = np.arange(len(order) + 1) - 0.5
-    ax_diff.stairs(np.where(values >= 0, values, 0.0), edges, baseline=0, fill=True, color=POISON_COLOR,
-                   alpha=0.7 if many else 1.0, lw=0)
-    ax_diff.stairs(np.where(values < 0, values, 0.0), edges, baseline=0, fill=True, color=CLEAN_COLOR,
-                   alpha=0.7 if many else 1.0, lw=0)
+    for part, color in ((np.where(values >= 0, values, 0.0), POISON_COLOR), (np.where(values < 0, values, 0.0),
+                                                                               CLEAN_COLOR)):
+        ax_diff.stairs(part, edges, baseline=0, fill=True, color=color, lw=0, antialiased=not many)
     ax_diff.axhline(0, color="black", lw=0.6)
     rank_of = np.empty(len(order), int)
     rank_of[order] = x
